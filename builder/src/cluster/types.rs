@@ -1,0 +1,441 @@
+//! Validated cluster settings. Constructed only by [`super::validate`], so every value here has
+//! been checked against the others.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use firstboot::Role;
+use ipnet::Ipv4Net;
+
+use super::raw;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    pub name: String,
+    pub versions: Versions,
+    pub networks: Networks,
+    pub api: ApiEndpoint,
+    pub etcd: EtcdTopology,
+    pub enrollment: Enrollment,
+    pub pki: PkiSettings,
+    pub nodes: Vec<Node>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Versions {
+    pub kubernetes: Option<KubeVersion>,
+    pub etcd: Option<String>,
+    pub containerd: Option<String>,
+}
+
+/// A Kubernetes release, `v1.20.2`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KubeVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl FromStr for KubeVersion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("'{s}' is not a Kubernetes version (expected vMAJOR.MINOR.PATCH, e.g. v1.31.4)");
+        let v = s.strip_prefix('v').unwrap_or(s);
+        let mut it = v.splitn(3, '.').map(|p| p.parse::<u32>().map_err(|_| bad()));
+        let (major, minor, patch) = (
+            it.next().ok_or_else(bad)??,
+            it.next().ok_or_else(bad)??,
+            it.next().ok_or_else(bad)??,
+        );
+        Ok(KubeVersion { major, minor, patch })
+    }
+}
+
+impl fmt::Display for KubeVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "v{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Networks {
+    pub pod_cidr: Ipv4Net,
+    pub service_cidr: Ipv4Net,
+    pub cluster_dns: Ipv4Addr,
+    pub dns_domain: String,
+    /// Prefix length of each node's share of the pod CIDR.
+    pub node_cidr_mask: u8,
+}
+
+impl Networks {
+    /// The `kubernetes` Service's ClusterIP: the first address of the service CIDR.
+    pub fn first_service_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.service_cidr.network()) + 1)
+    }
+
+    /// How many per-node pod ranges the pod CIDR holds.
+    pub fn node_ranges(&self) -> u64 {
+        1u64 << (self.node_cidr_mask - self.pod_cidr.prefix_len())
+    }
+
+    /// The `index`-th per-node pod range, if the pod CIDR has that many.
+    pub fn node_pod_cidr(&self, index: usize) -> Option<Ipv4Net> {
+        self.pod_cidr.subnets(self.node_cidr_mask).ok()?.nth(index)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiEndpoint {
+    pub vip: Ipv4Addr,
+    pub port: u16,
+}
+
+impl ApiEndpoint {
+    pub fn url(&self) -> String {
+        format!("https://{}:{}", self.vip, self.port)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EtcdTopology {
+    /// Each master runs an etcd member.
+    Stacked,
+    /// Nodes with role `etcd` are the members.
+    External,
+}
+
+impl EtcdTopology {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EtcdTopology::Stacked => "stacked",
+            EtcdTopology::External => "external",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enrollment {
+    pub servers: Vec<ServerUrl>,
+    pub policy: EnrollPolicy,
+    pub enrollment_token_ttl: Duration,
+    pub join_token_ttl: Duration,
+}
+
+/// An enrollment server URL, `https://host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerUrl {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for ServerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "https://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "https://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl FromStr for ServerUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let rest = s
+            .strip_prefix("https://")
+            .ok_or_else(|| format!("'{s}' must be an https:// URL (enrollment carries secrets)"))?;
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains('/') {
+            return Err(format!("'{s}' must be https://HOST[:PORT] without a path"));
+        }
+        let (host, port) = if let Some(r) = rest.strip_prefix('[') {
+            let (h, after) = r.split_once(']').ok_or_else(|| format!("'{s}' has an unclosed '['"))?;
+            (h, after.strip_prefix(':'))
+        } else {
+            match rest.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (rest, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("'{s}' has no host"));
+        }
+        let port = match port {
+            None => 443,
+            Some(p) => p.parse().map_err(|_| format!("'{s}' has an invalid port '{p}' (1-65535)"))?,
+        };
+        if port == 0 {
+            return Err(format!("'{s}' has port 0 (1-65535)"));
+        }
+        Ok(ServerUrl { host: host.to_string(), port })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnrollPolicy {
+    /// Machines not in the inventory are refused.
+    KnownOnly,
+    /// Unknown machines wait for `imgbuild nodes approve`.
+    Approve,
+    /// Unknown machines become workers with generated names.
+    AutoWorker,
+}
+
+impl EnrollPolicy {
+    pub const NAMES: &'static str = "known-only, approve, auto-worker";
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnrollPolicy::KnownOnly => "known-only",
+            EnrollPolicy::Approve => "approve",
+            EnrollPolicy::AutoWorker => "auto-worker",
+        }
+    }
+}
+
+impl FromStr for EnrollPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "known-only" => Ok(EnrollPolicy::KnownOnly),
+            "approve" => Ok(EnrollPolicy::Approve),
+            "auto-worker" => Ok(EnrollPolicy::AutoWorker),
+            _ => Err(format!("valid policies: {}", EnrollPolicy::NAMES)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum KeyAlgorithm {
+    #[serde(rename = "ecdsa-p256")]
+    EcdsaP256,
+    #[serde(rename = "rsa-2048")]
+    Rsa2048,
+}
+
+impl KeyAlgorithm {
+    pub const NAMES: &'static str = "ecdsa-p256, rsa-2048";
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyAlgorithm::EcdsaP256 => "ecdsa-p256",
+            KeyAlgorithm::Rsa2048 => "rsa-2048",
+        }
+    }
+}
+
+impl FromStr for KeyAlgorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ecdsa-p256" => Ok(KeyAlgorithm::EcdsaP256),
+            "rsa-2048" => Ok(KeyAlgorithm::Rsa2048),
+            _ => Err(format!("valid algorithms: {}", KeyAlgorithm::NAMES)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PkiSettings {
+    pub key_algorithm: KeyAlgorithm,
+    pub ca_validity: Duration,
+    pub cert_validity: Duration,
+}
+
+/// A MAC address, normalized to lowercase with colons.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Mac(String);
+
+impl Mac {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<&str> = s.split([':', '-']).collect();
+        let ok = parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !ok {
+            return Err("expected six hex octets like 52:54:00:03:01:11".into());
+        }
+        let first = u8::from_str_radix(parts[0], 16).expect("checked hex");
+        if first & 1 == 1 {
+            return Err("a multicast address cannot identify a NIC (first octet must be even)".into());
+        }
+        Ok(Mac(parts.join(":").to_ascii_lowercase()))
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An SMBIOS system UUID, normalized to lowercase 8-4-4-4-12.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SmbiosUuid(String);
+
+impl SmbiosUuid {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for SmbiosUuid {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let groups: Vec<&str> = s.split('-').collect();
+        let lens: Vec<usize> = groups.iter().map(|g| g.len()).collect();
+        if lens != [8, 4, 4, 4, 12] || !groups.iter().all(|g| g.bytes().all(|b| b.is_ascii_hexdigit())) {
+            return Err("expected a UUID like 4c4c4544-0042-3510-8052-b4c04f4d4e31".into());
+        }
+        Ok(SmbiosUuid(s.to_ascii_lowercase()))
+    }
+}
+
+impl fmt::Display for SmbiosUuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// RFC 1123 label; also the hostname and the Kubernetes Node name.
+    pub name: String,
+    pub role: Role,
+    pub mac: Option<Mac>,
+    pub uuid: Option<SmbiosUuid>,
+    /// Host address with the subnet's prefix length.
+    pub address: Ipv4Net,
+    pub gateway: Option<Ipv4Addr>,
+    /// This node's share of the pod CIDR.
+    pub pod_cidr: Ipv4Net,
+}
+
+impl Node {
+    pub fn ip(&self) -> Ipv4Addr {
+        self.address.addr()
+    }
+}
+
+impl Cluster {
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    pub fn nodes_with(&self, role: Role) -> impl Iterator<Item = &Node> {
+        self.nodes.iter().filter(move |n| n.role == role)
+    }
+
+    pub fn masters(&self) -> impl Iterator<Item = &Node> {
+        self.nodes_with(Role::Master)
+    }
+
+    /// The etcd members: the masters (stacked) or the etcd nodes (external).
+    pub fn etcd_members(&self) -> impl Iterator<Item = &Node> {
+        let role = match self.etcd {
+            EtcdTopology::Stacked => Role::Master,
+            EtcdTopology::External => Role::Etcd,
+        };
+        self.nodes_with(role)
+    }
+
+    /// The raw form with every default filled in (what `to_yaml` writes).
+    pub fn to_raw(&self) -> raw::RawCluster {
+        use raw::*;
+        let n = &self.networks;
+        RawCluster {
+            api_version: Some(API_VERSION.into()),
+            kind: Some(KIND.into()),
+            metadata: RawMetadata { name: Some(self.name.clone()) },
+            spec: RawSpec {
+                versions: RawVersions {
+                    kubernetes: self.versions.kubernetes.map(|v| v.to_string()),
+                    etcd: self.versions.etcd.clone(),
+                    containerd: self.versions.containerd.clone(),
+                },
+                networks: RawNetworks {
+                    pod_cidr: Some(n.pod_cidr.to_string()),
+                    service_cidr: Some(n.service_cidr.to_string()),
+                    cluster_dns: Some(n.cluster_dns.to_string()),
+                    dns_domain: Some(n.dns_domain.clone()),
+                    node_cidr_mask_size: Some(Scalar::Int(n.node_cidr_mask.into())),
+                },
+                api_endpoint: RawApiEndpoint {
+                    vip: Some(self.api.vip.to_string()),
+                    port: Some(Scalar::Int(self.api.port.into())),
+                },
+                etcd: RawEtcd { topology: Some(self.etcd.as_str().into()) },
+                enrollment: RawEnrollment {
+                    servers: Some(self.enrollment.servers.iter().map(ToString::to_string).collect()),
+                    policy: Some(self.enrollment.policy.as_str().into()),
+                    enrollment_token_ttl: Some(format_duration(self.enrollment.enrollment_token_ttl)),
+                    join_token_ttl: Some(format_duration(self.enrollment.join_token_ttl)),
+                },
+                pki: RawPki {
+                    key_algorithm: Some(self.pki.key_algorithm.as_str().into()),
+                    ca_validity: Some(format_duration(self.pki.ca_validity)),
+                    cert_validity: Some(format_duration(self.pki.cert_validity)),
+                },
+                nodes: self
+                    .nodes
+                    .iter()
+                    .map(|node| RawNode {
+                        name: Some(node.name.clone()),
+                        role: Some(node.role.to_string()),
+                        mac: node.mac.as_ref().map(ToString::to_string),
+                        uuid: node.uuid.as_ref().map(ToString::to_string),
+                        address: Some(node.address.to_string()),
+                        gateway: node.gateway.map(|g| g.to_string()),
+                    })
+                    .collect(),
+            },
+        }
+    }
+}
+
+/// `90s`, `30m`, `24h`, `7d`: a count and a unit.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("'{s}' is not a duration (expected a whole number and a unit: 90s, 30m, 24h, 7d)");
+    let unit_at = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (num, unit) = s.split_at(unit_at);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(secs).map(Duration::from_secs).ok_or_else(bad)
+}
+
+pub fn format_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s % 3600 == 0 {
+        format!("{}h", s / 3600)
+    } else if s % 60 == 0 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// RFC 1123 label: 1-63 of [a-z0-9-], starting and ending alphanumeric.
+pub fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// RFC 1123 subdomain: dot-separated labels, at most 253 characters.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
