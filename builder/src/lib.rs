@@ -1,5 +1,11 @@
 //! imgbuild: from a cluster manifest to bootable per-role images, first-boot payloads and the
 //! enrollment server that nodes talk to.
 
+pub mod cli;
 pub mod cluster;
+pub mod commands;
+pub mod kube;
 pub mod pki;
+pub mod state;
+pub mod templates;
+pub mod tokens;

@@ -1,1 +1,35 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+use imgbuild::cli::{Cli, Command};
+use imgbuild::commands;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.global.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("IMGBUILD_LOG").unwrap_or_else(|_| level.into()))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let result = match &cli.command {
+        Some(Command::Init(a)) => commands::init(&cli.global, a),
+        Some(Command::Validate(a)) => commands::validate(a),
+        Some(Command::Token(c)) => commands::token(&cli.global, c),
+        None => Err(anyhow::anyhow!("nothing to do: give --role ROLE to bake an image, or a subcommand (see --help)")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("imgbuild: error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(commands::exit_code(&e))
+        }
+    }
+}

@@ -103,7 +103,7 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Option<CmdlineConfig>, CmdlineErro
         cmdline
             .split_ascii_whitespace()
             .filter_map(|a| a.strip_prefix("firstboot.")?.strip_prefix(key)?.strip_prefix('='))
-            .last()
+            .next_back()
     };
     let invalid = |key: &'static str, reason: String| CmdlineError::Invalid { key, reason };
     let pin = |needed: &'static str| -> Result<CaPin, CmdlineError> {
@@ -196,8 +196,10 @@ mod tests {
             parse_cmdline("firstboot.config=https://x/y").unwrap_err(),
             CmdlineError::Missing("pin", "firstboot.config")
         );
-        let e = parse_cmdline(&format!("firstboot.server=https://x firstboot.pin={pin} firstboot.token=bad firstboot.role=worker"))
-            .unwrap_err();
+        let e = parse_cmdline(&format!(
+            "firstboot.server=https://x firstboot.pin={pin} firstboot.token=bad firstboot.role=worker"
+        ))
+        .unwrap_err();
         assert!(matches!(e, CmdlineError::Invalid { key: "token", .. }), "{e:?}");
         let e = parse_cmdline(&format!(
             "firstboot.server=https://x firstboot.pin={pin} firstboot.token=abcdef.0123456789abcdef firstboot.role=boss"

@@ -14,6 +14,5 @@ pub mod proto;
 pub mod role;
 pub mod token;
 
-
 pub use role::Role;
 pub use token::BootstrapToken;

@@ -31,8 +31,7 @@ pub enum PinError {
 impl CaPin {
     /// The pin of a DER certificate.
     pub fn of_cert_der(der: &[u8]) -> Result<Self, PinError> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| PinError::Certificate(e.to_string()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| PinError::Certificate(e.to_string()))?;
         Ok(Self::of_spki_der(cert.tbs_certificate.subject_pki.raw))
     }
 
@@ -40,8 +39,8 @@ impl CaPin {
     pub fn of_cert_pem(pem: &str) -> Result<Self, PinError> {
         use rustls_pki_types::CertificateDer;
         use rustls_pki_types::pem::PemObject;
-        let der = CertificateDer::from_pem_slice(pem.as_bytes())
-            .map_err(|e| PinError::Certificate(format!("PEM: {e}")))?;
+        let der =
+            CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| PinError::Certificate(format!("PEM: {e}")))?;
         Self::of_cert_der(&der)
     }
 
@@ -134,10 +133,7 @@ pub fn verify_detached_jws(jws: &str, payload: &str, token: &BootstrapToken) -> 
     }
     let header: Header = serde_json::from_slice(&header_json).map_err(|_| JwsError::Format)?;
     if header.alg != "HS256" || header.kid.as_deref() != Some(token.id()) {
-        return Err(JwsError::Header(
-            String::from_utf8_lossy(&header_json).into_owned(),
-            token.id().to_string(),
-        ));
+        return Err(JwsError::Header(String::from_utf8_lossy(&header_json).into_owned(), token.id().to_string()));
     }
     let sig = URL_SAFE_NO_PAD.decode(sig_b64).map_err(|_| JwsError::Format)?;
     let signing_input = format!("{header_b64}.{}", URL_SAFE_NO_PAD.encode(payload));

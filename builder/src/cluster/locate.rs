@@ -11,8 +11,14 @@ pub struct Lines(HashMap<String, usize>);
 
 enum Frame {
     /// In a mapping: the path of the mapping, and the key whose value comes next (if any).
-    Map { path: String, key: Option<String> },
-    Seq { path: String, index: usize },
+    Map {
+        path: String,
+        key: Option<String>,
+    },
+    Seq {
+        path: String,
+        index: usize,
+    },
 }
 
 fn child(parent: &str, key: &str) -> String {

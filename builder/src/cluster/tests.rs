@@ -48,34 +48,141 @@ fn problems(edits: &[(&str, &str)]) -> Vec<Problem> {
 #[test]
 fn each_problem_names_path_line_and_what_is_valid() {
     // (case, edits, expected path, expected message fragment)
-    let cases: &[(&str, &[(&str, &str)], &str, &str)] = &[
-        ("overlapping pod/service", &[("serviceCIDR: 10.40.0.0/16", "serviceCIDR: 10.30.128.0/17")], "spec.networks.serviceCIDR", "overlaps spec.networks.podCIDR"),
-        ("dns outside service", &[("clusterDNS: 10.40.0.10", "clusterDNS: 10.50.0.10")], "spec.networks.clusterDNS", "must be inside spec.networks.serviceCIDR (10.40.0.0/16)"),
-        ("dns is the kubernetes service ip", &[("clusterDNS: 10.40.0.10", "clusterDNS: 10.40.0.1")], "spec.networks.clusterDNS", "reserved for the kubernetes Service"),
-        ("service cidr too small", &[("serviceCIDR: 10.40.0.0/16", "serviceCIDR: 10.40.0.0/29"), ("clusterDNS: 10.40.0.10", "clusterDNS: 10.40.0.5")], "spec.networks.serviceCIDR", "too small"),
-        ("host bits", &[("podCIDR: 10.30.0.0/16", "podCIDR: 10.30.0.5/16")], "spec.networks.podCIDR", "the network is 10.30.0.0/16"),
-        ("even etcd", &[("name: k8s-master3\n      role: master", "name: k8s-master3\n      role: worker")], "spec.etcd.topology", "odd number of members"),
-        ("vip outside masters' subnet", &[("vip: 192.168.3.110", "vip: 192.168.4.110")], "spec.apiEndpoint.vip", "not in the network 192.168.3.0/24"),
-        ("vip equals node ip", &[("vip: 192.168.3.110", "vip: 192.168.3.121")], "spec.apiEndpoint.vip", "equals the address of spec.nodes[3]"),
-        ("duplicate name", &[("name: k8s-worker2", "name: k8s-worker1")], "spec.nodes[4].name", "duplicate: spec.nodes[3]"),
-        ("duplicate mac", &[("52:54:00:03:01:22", "52:54:00:03:01:21")], "spec.nodes[4].mac", "duplicate: spec.nodes[3]"),
-        ("duplicate ip", &[("192.168.3.122/24", "192.168.3.121/24")], "spec.nodes[4].address", "duplicate: spec.nodes[3]"),
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str, &'a str);
+    let cases: &[Case] = &[
+        (
+            "overlapping pod/service",
+            &[("serviceCIDR: 10.40.0.0/16", "serviceCIDR: 10.30.128.0/17")],
+            "spec.networks.serviceCIDR",
+            "overlaps spec.networks.podCIDR",
+        ),
+        (
+            "dns outside service",
+            &[("clusterDNS: 10.40.0.10", "clusterDNS: 10.50.0.10")],
+            "spec.networks.clusterDNS",
+            "must be inside spec.networks.serviceCIDR (10.40.0.0/16)",
+        ),
+        (
+            "dns is the kubernetes service ip",
+            &[("clusterDNS: 10.40.0.10", "clusterDNS: 10.40.0.1")],
+            "spec.networks.clusterDNS",
+            "reserved for the kubernetes Service",
+        ),
+        (
+            "service cidr too small",
+            &[
+                ("serviceCIDR: 10.40.0.0/16", "serviceCIDR: 10.40.0.0/29"),
+                ("clusterDNS: 10.40.0.10", "clusterDNS: 10.40.0.5"),
+            ],
+            "spec.networks.serviceCIDR",
+            "too small",
+        ),
+        (
+            "host bits",
+            &[("podCIDR: 10.30.0.0/16", "podCIDR: 10.30.0.5/16")],
+            "spec.networks.podCIDR",
+            "the network is 10.30.0.0/16",
+        ),
+        (
+            "even etcd",
+            &[("name: k8s-master3\n      role: master", "name: k8s-master3\n      role: worker")],
+            "spec.etcd.topology",
+            "odd number of members",
+        ),
+        (
+            "vip outside masters' subnet",
+            &[("vip: 192.168.3.110", "vip: 192.168.4.110")],
+            "spec.apiEndpoint.vip",
+            "not in the network 192.168.3.0/24",
+        ),
+        (
+            "vip equals node ip",
+            &[("vip: 192.168.3.110", "vip: 192.168.3.121")],
+            "spec.apiEndpoint.vip",
+            "equals the address of spec.nodes[3]",
+        ),
+        (
+            "duplicate name",
+            &[("name: k8s-worker2", "name: k8s-worker1")],
+            "spec.nodes[4].name",
+            "duplicate: spec.nodes[3]",
+        ),
+        (
+            "duplicate mac",
+            &[("52:54:00:03:01:22", "52:54:00:03:01:21")],
+            "spec.nodes[4].mac",
+            "duplicate: spec.nodes[3]",
+        ),
+        (
+            "duplicate ip",
+            &[("192.168.3.122/24", "192.168.3.121/24")],
+            "spec.nodes[4].address",
+            "duplicate: spec.nodes[3]",
+        ),
         ("invalid name", &[("name: k8s-worker3", "name: K8s_Worker3")], "spec.nodes[5].name", "RFC 1123"),
-        ("unknown field", &[("    dnsDomain: k8s.org", "    dnsDomain: k8s.org\n    dnsDomian: typo.org")], "spec.networks.dnsDomian", "unknown field"),
-        ("too many nodes for pod cidr", &[("nodeCIDRMaskSize: 24", "nodeCIDRMaskSize: 18")], "spec.networks.nodeCIDRMaskSize", "holds 4 per-node /18 ranges but there are 6 nodes"),
-        ("node network overlaps pods", &[("192.168.3.121/24", "10.30.9.9/24")], "spec.nodes[3].address", "overlaps spec.networks.podCIDR"),
+        (
+            "unknown field",
+            &[("    dnsDomain: k8s.org", "    dnsDomain: k8s.org\n    dnsDomian: typo.org")],
+            "spec.networks.dnsDomian",
+            "unknown field",
+        ),
+        (
+            "too many nodes for pod cidr",
+            &[("nodeCIDRMaskSize: 24", "nodeCIDRMaskSize: 18")],
+            "spec.networks.nodeCIDRMaskSize",
+            "holds 4 per-node /18 ranges but there are 6 nodes",
+        ),
+        (
+            "node network overlaps pods",
+            &[("192.168.3.121/24", "10.30.9.9/24")],
+            "spec.nodes[3].address",
+            "overlaps spec.networks.podCIDR",
+        ),
         ("bad mac", &[("52:54:00:03:01:21", "52:54:00:03:01")], "spec.nodes[3].mac", "six hex octets"),
         ("multicast mac", &[("52:54:00:03:01:21", "01:00:5e:00:00:01")], "spec.nodes[3].mac", "multicast"),
-        ("gateway outside subnet", &[("address: 192.168.3.121/24\n      gateway: 192.168.3.1", "address: 192.168.3.121/24\n      gateway: 192.168.9.1")], "spec.nodes[3].gateway", "outside the node's network"),
+        (
+            "gateway outside subnet",
+            &[(
+                "address: 192.168.3.121/24\n      gateway: 192.168.3.1",
+                "address: 192.168.3.121/24\n      gateway: 192.168.9.1",
+            )],
+            "spec.nodes[3].gateway",
+            "outside the node's network",
+        ),
         ("unknown role", &[("role: worker", "role: minion")], "spec.nodes[3].role", "master, worker, etcd"),
-        ("bad policy", &[("policy: known-only", "policy: everyone")], "spec.enrollment.policy", "known-only, approve, auto-worker"),
-        ("http server", &[("https://192.168.3.100:9443", "http://192.168.3.100:9443")], "spec.enrollment.servers[0]", "https://"),
-        ("bad ttl", &[("joinTokenTTL: 168h", "joinTokenTTL: forever")], "spec.enrollment.joinTokenTTL", "not a duration"),
-        ("bad key algorithm", &[("keyAlgorithm: ecdsa-p256", "keyAlgorithm: dsa")], "spec.pki.keyAlgorithm", "ecdsa-p256, rsa-2048"),
+        (
+            "bad policy",
+            &[("policy: known-only", "policy: everyone")],
+            "spec.enrollment.policy",
+            "known-only, approve, auto-worker",
+        ),
+        (
+            "http server",
+            &[("https://192.168.3.100:9443", "http://192.168.3.100:9443")],
+            "spec.enrollment.servers[0]",
+            "https://",
+        ),
+        (
+            "bad ttl",
+            &[("joinTokenTTL: 168h", "joinTokenTTL: forever")],
+            "spec.enrollment.joinTokenTTL",
+            "not a duration",
+        ),
+        (
+            "bad key algorithm",
+            &[("keyAlgorithm: ecdsa-p256", "keyAlgorithm: dsa")],
+            "spec.pki.keyAlgorithm",
+            "ecdsa-p256, rsa-2048",
+        ),
         ("wrong kind", &[("kind: Cluster", "kind: Klaster")], "kind", "must be Cluster"),
         ("etcd role in stacked", &[("role: worker", "role: etcd")], "spec.nodes[3].role", "topology: external"),
         ("ipv6", &[("podCIDR: 10.30.0.0/16", "podCIDR: fd00::/48")], "spec.networks.podCIDR", "IPv6"),
-        ("old kubernetes", &[("versions: {}", "versions: {kubernetes: v1.19.3}")], "spec.versions.kubernetes", "v1.20.0 or newer"),
+        (
+            "old kubernetes",
+            &[("versions: {}", "versions: {kubernetes: v1.19.3}")],
+            "spec.versions.kubernetes",
+            "v1.20.0 or newer",
+        ),
     ];
     for (name, edits, path, fragment) in cases {
         let found = problems(edits);
@@ -106,7 +213,10 @@ fn reports_all_problems_at_once_with_lines() {
     assert_eq!(dns.value.as_deref(), Some("10.50.0.10"));
     let text = Problems { file: "cluster.yaml".into(), list: found }.to_string();
     assert!(text.starts_with("cluster.yaml: 4 problems\n"), "{text}");
-    assert!(text.contains(&format!("line {line}: spec.networks.clusterDNS = \"10.50.0.10\": must be inside")), "{text}");
+    assert!(
+        text.contains(&format!("line {line}: spec.networks.clusterDNS = \"10.50.0.10\": must be inside")),
+        "{text}"
+    );
 }
 
 #[test]

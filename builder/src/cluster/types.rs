@@ -44,11 +44,8 @@ impl FromStr for KubeVersion {
         let bad = || format!("'{s}' is not a Kubernetes version (expected vMAJOR.MINOR.PATCH, e.g. v1.31.4)");
         let v = s.strip_prefix('v').unwrap_or(s);
         let mut it = v.splitn(3, '.').map(|p| p.parse::<u32>().map_err(|_| bad()));
-        let (major, minor, patch) = (
-            it.next().ok_or_else(bad)??,
-            it.next().ok_or_else(bad)??,
-            it.next().ok_or_else(bad)??,
-        );
+        let (major, minor, patch) =
+            (it.next().ok_or_else(bad)??, it.next().ok_or_else(bad)??, it.next().ok_or_else(bad)??);
         Ok(KubeVersion { major, minor, patch })
     }
 }

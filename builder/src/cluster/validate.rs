@@ -99,7 +99,11 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
     let name = c.required("metadata.name", &raw.metadata.name, "the cluster's name").map(str::to_string);
     if let Some(n) = &name {
         if !is_dns_label(n) {
-            c.bad("metadata.name", Some(n), "must be an RFC 1123 label: 1-63 of a-z, 0-9, '-', starting and ending alphanumeric");
+            c.bad(
+                "metadata.name",
+                Some(n),
+                "must be an RFC 1123 label: 1-63 of a-z, 0-9, '-', starting and ending alphanumeric",
+            );
         }
     }
     let spec = &raw.spec;
@@ -111,7 +115,8 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
             c.bad("spec.versions.kubernetes", spec.versions.kubernetes.as_deref(), "v1.20.0 or newer is supported");
         }
     }
-    let versions = Versions { kubernetes, etcd: spec.versions.etcd.clone(), containerd: spec.versions.containerd.clone() };
+    let versions =
+        Versions { kubernetes, etcd: spec.versions.etcd.clone(), containerd: spec.versions.containerd.clone() };
 
     // --- networks -------------------------------------------------------------------------------
     let nw = &spec.networks;
@@ -121,14 +126,26 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
     let svc = c.parse("spec.networks.serviceCIDR", svc, cidr);
     if let Some(s) = svc {
         if s.prefix_len() > 28 {
-            c.bad("spec.networks.serviceCIDR", nw.service_cidr.as_deref(), "too small: needs at least 16 addresses (a /28 or larger)");
+            c.bad(
+                "spec.networks.serviceCIDR",
+                nw.service_cidr.as_deref(),
+                "too small: needs at least 16 addresses (a /28 or larger)",
+            );
         } else if s.prefix_len() < 12 {
-            c.bad("spec.networks.serviceCIDR", nw.service_cidr.as_deref(), "too large: kube-apiserver accepts at most a /12");
+            c.bad(
+                "spec.networks.serviceCIDR",
+                nw.service_cidr.as_deref(),
+                "too large: kube-apiserver accepts at most a /12",
+            );
         }
     }
     if let (Some(p), Some(s)) = (pod, svc) {
         if p.contains(&s.network()) || s.contains(&p.network()) {
-            c.bad("spec.networks.serviceCIDR", nw.service_cidr.as_deref(), format!("overlaps spec.networks.podCIDR ({p})"));
+            c.bad(
+                "spec.networks.serviceCIDR",
+                nw.service_cidr.as_deref(),
+                format!("overlaps spec.networks.podCIDR ({p})"),
+            );
         }
     }
     let dns = c.parse("spec.networks.clusterDNS", nw.cluster_dns.as_deref(), ipv4);
@@ -136,11 +153,26 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
         (Some(d), Some(s)) => {
             let first = Ipv4Addr::from(u32::from(s.network()) + 1);
             if !s.contains(&d) {
-                c.bad("spec.networks.clusterDNS", nw.cluster_dns.as_deref(), format!("must be inside spec.networks.serviceCIDR ({s})"));
+                c.bad(
+                    "spec.networks.clusterDNS",
+                    nw.cluster_dns.as_deref(),
+                    format!("must be inside spec.networks.serviceCIDR ({s})"),
+                );
             } else if d == s.network() || d == s.broadcast() {
-                c.bad("spec.networks.clusterDNS", nw.cluster_dns.as_deref(), format!("is the network or broadcast address of {s}"));
+                c.bad(
+                    "spec.networks.clusterDNS",
+                    nw.cluster_dns.as_deref(),
+                    format!("is the network or broadcast address of {s}"),
+                );
             } else if d == first {
-                c.bad("spec.networks.clusterDNS", nw.cluster_dns.as_deref(), format!("{first} is reserved for the kubernetes Service; use e.g. {}", Ipv4Addr::from(u32::from(s.network()) + 10)));
+                c.bad(
+                    "spec.networks.clusterDNS",
+                    nw.cluster_dns.as_deref(),
+                    format!(
+                        "{first} is reserved for the kubernetes Service; use e.g. {}",
+                        Ipv4Addr::from(u32::from(s.network()) + 10)
+                    ),
+                );
             }
             Some(d)
         }
@@ -159,7 +191,11 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
     };
     let node_mask = match (node_mask, pod) {
         (Some(m), Some(p)) if m <= p.prefix_len() => {
-            c.bad("spec.networks.nodeCIDRMaskSize", mask_text.as_deref().or(Some("24")), format!("must be longer than the pod CIDR's prefix /{} so each node gets a share", p.prefix_len()));
+            c.bad(
+                "spec.networks.nodeCIDRMaskSize",
+                mask_text.as_deref().or(Some("24")),
+                format!("must be longer than the pod CIDR's prefix /{} so each node gets a share", p.prefix_len()),
+            );
             None
         }
         (m, _) => m,
@@ -187,7 +223,11 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
         None | Some("stacked") => Some(EtcdTopology::Stacked),
         Some("external") => Some(EtcdTopology::External),
         Some(t) => {
-            c.bad("spec.etcd.topology", Some(t), "valid topologies: stacked (an etcd member on each master), external (nodes with role etcd)");
+            c.bad(
+                "spec.etcd.topology",
+                Some(t),
+                "valid topologies: stacked (an etcd member on each master), external (nodes with role etcd)",
+            );
             None
         }
     };
@@ -196,7 +236,11 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
     let en = &spec.enrollment;
     let mut servers = Vec::new();
     match &en.servers {
-        None => c.bad("spec.enrollment.servers", None, "required: at least one https://HOST:PORT where nodes reach imgbuild serve"),
+        None => c.bad(
+            "spec.enrollment.servers",
+            None,
+            "required: at least one https://HOST:PORT where nodes reach imgbuild serve",
+        ),
         Some(list) if list.is_empty() => c.bad("spec.enrollment.servers", None, "needs at least one https://HOST:PORT"),
         Some(list) => {
             for (i, s) in list.iter().enumerate() {
@@ -231,7 +275,11 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
     let cert_validity = validity(&mut c, "certValidity", &pk.cert_validity, 365);
     if let (Some(ca), Some(leaf)) = (ca_validity, cert_validity) {
         if leaf > ca {
-            c.bad("spec.pki.certValidity", pk.cert_validity.as_deref(), "must not exceed spec.pki.caValidity (a certificate cannot outlive its CA)");
+            c.bad(
+                "spec.pki.certValidity",
+                pk.cert_validity.as_deref(),
+                "must not exceed spec.pki.caValidity (a certificate cannot outlive its CA)",
+            );
         }
     }
 
@@ -249,7 +297,11 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
         let name = c.required(&at("name"), &n.name, "the node's name (also its hostname)");
         if let Some(name) = name {
             if !is_dns_label(name) {
-                c.bad(at("name"), Some(name), "must be an RFC 1123 label: 1-63 of a-z, 0-9, '-', starting and ending alphanumeric");
+                c.bad(
+                    at("name"),
+                    Some(name),
+                    "must be an RFC 1123 label: 1-63 of a-z, 0-9, '-', starting and ending alphanumeric",
+                );
             } else if let Some(first) = names.insert(name.to_string(), i) {
                 c.bad(at("name"), Some(name), format!("duplicate: spec.nodes[{first}] has the same name"));
             }
@@ -280,12 +332,20 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
             for (net, field) in [(pod, "podCIDR"), (svc, "serviceCIDR")] {
                 if let Some(net) = net {
                     if net.contains(&a.addr()) || a.trunc().contains(&net.network()) {
-                        c.bad(at("address"), addr_text, format!("node network {} overlaps spec.networks.{field} ({net})", a.trunc()));
+                        c.bad(
+                            at("address"),
+                            addr_text,
+                            format!("node network {} overlaps spec.networks.{field} ({net})", a.trunc()),
+                        );
                     }
                 }
             }
             if vip == Some(a.addr()) {
-                c.bad("spec.apiEndpoint.vip", ae.vip.as_deref(), format!("equals the address of spec.nodes[{i}]; the VIP must be a free address"));
+                c.bad(
+                    "spec.apiEndpoint.vip",
+                    ae.vip.as_deref(),
+                    format!("equals the address of spec.nodes[{i}]; the VIP must be a free address"),
+                );
             }
         }
         let gateway = c.parse(&at("gateway"), n.gateway.as_deref(), ipv4);
@@ -300,11 +360,19 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
             if !a.trunc().contains(&v) {
                 c.bad("spec.apiEndpoint.vip", ae.vip.as_deref(), format!("is not in the network {} of master spec.nodes[{i}]; keepalived can only hold a VIP on the masters' subnet", a.trunc()));
             } else if v == a.network() || v == a.broadcast() {
-                c.bad("spec.apiEndpoint.vip", ae.vip.as_deref(), format!("is the network or broadcast address of {}", a.trunc()));
+                c.bad(
+                    "spec.apiEndpoint.vip",
+                    ae.vip.as_deref(),
+                    format!("is the network or broadcast address of {}", a.trunc()),
+                );
             }
         }
         if let (Some(Role::Etcd), Some(EtcdTopology::Stacked)) = (role, topology) {
-            c.bad(at("role"), role_text, "etcd nodes need spec.etcd.topology: external (stacked etcd runs on the masters)");
+            c.bad(
+                at("role"),
+                role_text,
+                "etcd nodes need spec.etcd.topology: external (stacked etcd runs on the masters)",
+            );
         }
         if let (Some(name), Some(role), Some(address)) = (name, role, address) {
             let pod_cidr = match (pod, node_mask) {
@@ -336,7 +404,11 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
         let member_role = if t == EtcdTopology::Stacked { "master" } else { "etcd" };
         let members = spec.nodes.iter().filter(|n| n.role.as_deref() == Some(member_role)).count();
         if members == 0 || members % 2 == 0 {
-            c.bad("spec.etcd.topology", Some(t.as_str()), format!("etcd needs an odd number of members for quorum; there are {members} {member_role} nodes"));
+            c.bad(
+                "spec.etcd.topology",
+                Some(t.as_str()),
+                format!("etcd needs an odd number of members for quorum; there are {members} {member_role} nodes"),
+            );
         }
     }
 
@@ -353,13 +425,20 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
     let (Some(policy), Some(enrollment_token_ttl), Some(join_token_ttl)) = (policy, enroll_ttl, join_ttl) else {
         return Err(missing());
     };
-    let (Some(key_algorithm), Some(ca_validity), Some(cert_validity)) = (key_algorithm, ca_validity, cert_validity) else {
+    let (Some(key_algorithm), Some(ca_validity), Some(cert_validity)) = (key_algorithm, ca_validity, cert_validity)
+    else {
         return Err(missing());
     };
     Ok(Cluster {
         name,
         versions,
-        networks: Networks { pod_cidr: pod, service_cidr: svc, cluster_dns: dns, dns_domain: domain, node_cidr_mask: node_mask },
+        networks: Networks {
+            pod_cidr: pod,
+            service_cidr: svc,
+            cluster_dns: dns,
+            dns_domain: domain,
+            node_cidr_mask: node_mask,
+        },
         api: ApiEndpoint { vip, port },
         etcd,
         enrollment: Enrollment { servers, policy, enrollment_token_ttl, join_token_ttl },

@@ -300,7 +300,8 @@ impl Ca {
     /// A CA from its certificate and key PEM; `origin` names them in errors.
     pub fn from_pem(kind: CaKind, cert_pem: &str, key_pem: &str, origin: &Path) -> Result<Ca, PkiError> {
         let invalid = |reason: String| PkiError::Invalid { path: origin.to_path_buf(), reason };
-        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| invalid(format!("certificate PEM: {e}")))?;
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| invalid(format!("certificate PEM: {e}")))?;
         let key = key_from_pem(key_pem).map_err(|e| invalid(format!("private key: {e}")))?;
         let (_, x509) = x509_parser::parse_x509_certificate(&der).map_err(|e| invalid(format!("certificate: {e}")))?;
         if x509.public_key().raw != key.subject_public_key_info().as_slice() {
@@ -330,7 +331,12 @@ impl Ca {
     }
 
     /// Issues a certificate for `public_key` as `spec` says.
-    pub fn issue(&self, spec: &LeafSpec, public_key: &impl PublicKeyData, validity: Duration) -> Result<String, PkiError> {
+    pub fn issue(
+        &self,
+        spec: &LeafSpec,
+        public_key: &impl PublicKeyData,
+        validity: Duration,
+    ) -> Result<String, PkiError> {
         assert_eq!(spec.ca, self.kind, "leaf spec for {:?} given to the {:?} CA", spec.ca, self.kind);
         let now = OffsetDateTime::now_utc();
         let mut p = CertificateParams::default();
@@ -361,7 +367,12 @@ impl Ca {
     }
 
     /// Issues a certificate for a new key; returns (certificate PEM, key PEM).
-    pub fn issue_with_new_key(&self, spec: &LeafSpec, alg: KeyAlgorithm, validity: Duration) -> Result<(String, String), PkiError> {
+    pub fn issue_with_new_key(
+        &self,
+        spec: &LeafSpec,
+        alg: KeyAlgorithm,
+        validity: Duration,
+    ) -> Result<(String, String), PkiError> {
         let key = generate_key(alg)?;
         Ok((self.issue(spec, &key, validity)?, key.serialize_pem()))
     }
@@ -370,7 +381,8 @@ impl Ca {
     /// certificate PEM and the DER SubjectPublicKeyInfo it certifies.
     pub fn sign_csr(&self, spec: &LeafSpec, csr_pem: &str, validity: Duration) -> Result<(String, Vec<u8>), PkiError> {
         let spki = check_csr(spec, csr_pem)?;
-        let public_key = SubjectPublicKeyInfo::from_der(&spki).map_err(|e| PkiError::CsrRefused(format!("public key: {e}")))?;
+        let public_key =
+            SubjectPublicKeyInfo::from_der(&spki).map_err(|e| PkiError::CsrRefused(format!("public key: {e}")))?;
         Ok((self.issue(spec, &public_key, validity)?, spki))
     }
 }
@@ -382,7 +394,8 @@ pub fn check_csr(spec: &LeafSpec, csr_pem: &str) -> Result<Vec<u8>, PkiError> {
     let refuse = |r: String| PkiError::CsrRefused(r);
     let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
         .map_err(|e| refuse(format!("not a PEM certificate request: {e}")))?;
-    let (_, csr) = X509CertificationRequest::from_der(&der).map_err(|e| refuse(format!("not a PKCS#10 request: {e}")))?;
+    let (_, csr) =
+        X509CertificationRequest::from_der(&der).map_err(|e| refuse(format!("not a PKCS#10 request: {e}")))?;
     csr.verify_signature().map_err(|_| refuse("its self-signature does not verify".into()))?;
     let info = &csr.certification_request_info;
 
@@ -390,8 +403,12 @@ pub fn check_csr(spec: &LeafSpec, csr_pem: &str) -> Result<Vec<u8>, PkiError> {
     match info.subject_pki.parsed() {
         Ok(PublicKey::EC(ec)) if matches!(ec.key_size(), 256 | 384) => {}
         Ok(PublicKey::RSA(rsa)) if (2048..=8192).contains(&rsa.key_size()) => {}
-        Ok(PublicKey::EC(ec)) => return Err(refuse(format!("EC key of {} bits (P-256 or P-384 accepted)", ec.key_size()))),
-        Ok(PublicKey::RSA(rsa)) => return Err(refuse(format!("RSA key of {} bits (2048 to 8192 accepted)", rsa.key_size()))),
+        Ok(PublicKey::EC(ec)) => {
+            return Err(refuse(format!("EC key of {} bits (P-256 or P-384 accepted)", ec.key_size())));
+        }
+        Ok(PublicKey::RSA(rsa)) => {
+            return Err(refuse(format!("RSA key of {} bits (2048 to 8192 accepted)", rsa.key_size())));
+        }
         _ => return Err(refuse("unsupported key type (ECDSA P-256/P-384 or RSA accepted)".into())),
     }
 
@@ -400,7 +417,10 @@ pub fn check_csr(spec: &LeafSpec, csr_pem: &str) -> Result<Vec<u8>, PkiError> {
         let oid = attr.attr_type();
         if *oid == x509_parser::oid_registry::OID_X509_COMMON_NAME {
             if value != spec.common_name {
-                return Err(refuse(format!("asks for CN {value:?}; this node's certificate is for {:?}", spec.common_name)));
+                return Err(refuse(format!(
+                    "asks for CN {value:?}; this node's certificate is for {:?}",
+                    spec.common_name
+                )));
             }
         } else if *oid == x509_parser::oid_registry::OID_X509_ORGANIZATION_NAME {
             if !spec.organizations.iter().any(|o| o == value) {
@@ -421,8 +441,14 @@ pub fn check_csr(spec: &LeafSpec, csr_pem: &str) -> Result<Vec<u8>, PkiError> {
                 let granted = spec.usage.ekus();
                 let wants_server = eku.server_auth && !granted.contains(&ExtendedKeyUsagePurpose::ServerAuth);
                 let wants_client = eku.client_auth && !granted.contains(&ExtendedKeyUsagePurpose::ClientAuth);
-                if eku.any || wants_server || wants_client || eku.code_signing || eku.email_protection
-                    || eku.time_stamping || eku.ocsp_signing || !eku.other.is_empty()
+                if eku.any
+                    || wants_server
+                    || wants_client
+                    || eku.code_signing
+                    || eku.email_protection
+                    || eku.time_stamping
+                    || eku.ocsp_signing
+                    || !eku.other.is_empty()
                 {
                     return Err(refuse(format!("asks for extended key usages beyond {:?}", spec.usage)));
                 }
@@ -435,7 +461,10 @@ pub fn check_csr(spec: &LeafSpec, csr_pem: &str) -> Result<Vec<u8>, PkiError> {
                         _ => false,
                     };
                     if !allowed {
-                        return Err(refuse(format!("asks for the foreign name {name}; this node may have {:?} {:?}", spec.dns_names, spec.ips)));
+                        return Err(refuse(format!(
+                            "asks for the foreign name {name}; this node may have {:?} {:?}",
+                            spec.dns_names, spec.ips
+                        )));
                     }
                 }
             }
@@ -448,6 +477,39 @@ pub fn check_csr(spec: &LeafSpec, csr_pem: &str) -> Result<Vec<u8>, PkiError> {
         }
     }
     Ok(info.subject_pki.raw.to_vec())
+}
+
+/// What a certificate says, for checks and listings.
+#[derive(Debug, Clone)]
+pub struct CertInfo {
+    pub subject: String,
+    pub not_after: OffsetDateTime,
+    pub dns_names: Vec<String>,
+    pub ips: Vec<IpAddr>,
+}
+
+impl CertInfo {
+    /// Parses the first certificate of a PEM text.
+    pub fn parse(pem: &str) -> Option<CertInfo> {
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+        let (mut dns_names, mut ips) = (Vec::new(), Vec::new());
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(d) => dns_names.push(d.to_string()),
+                    GeneralName::IPAddress(b) => ips.extend(ip_from_bytes(b)),
+                    _ => {}
+                }
+            }
+        }
+        Some(CertInfo {
+            subject: cert.subject().to_string(),
+            not_after: cert.validity().not_after.to_datetime(),
+            dns_names,
+            ips,
+        })
+    }
 }
 
 fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {

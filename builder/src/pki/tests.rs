@@ -43,7 +43,10 @@ fn every_issued_chain_verifies_with_openssl_and_has_the_right_usages() {
         ];
         for purpose in CertPurpose::ALL {
             let n = node(&c, "k8s-master1");
-            specs.push((purpose.to_string(), leaf_spec(purpose, &c, &n).unwrap_or_else(|| panic!("{purpose} for a master"))));
+            specs.push((
+                purpose.to_string(),
+                leaf_spec(purpose, &c, &n).unwrap_or_else(|| panic!("{purpose} for a master")),
+            ));
         }
         for (name, spec) in specs {
             let cert = ca(spec.ca).issue(&spec, &leaf_key, YEAR).unwrap();
@@ -55,18 +58,33 @@ fn every_issued_chain_verifies_with_openssl_and_has_the_right_usages() {
                 Usage::Server | Usage::ServerAndClient => "sslserver",
                 Usage::Client => "sslclient",
             };
-            let (ok, out) = openssl(&["verify", "-purpose", purpose, "-CAfile", ca_path.to_str().unwrap(), cert_path.to_str().unwrap()]);
+            let (ok, out) = openssl(&[
+                "verify",
+                "-purpose",
+                purpose,
+                "-CAfile",
+                ca_path.to_str().unwrap(),
+                cert_path.to_str().unwrap(),
+            ]);
             assert!(ok, "{alg:?} {name}: {out}");
             let (_, text) = openssl(&["x509", "-in", cert_path.to_str().unwrap(), "-noout", "-text"]);
-            assert!(text.contains(&format!("CN = {}", spec.common_name)) || text.contains(&format!("CN={}", spec.common_name)), "{name}: {text}");
+            assert!(
+                text.contains(&format!("CN = {}", spec.common_name))
+                    || text.contains(&format!("CN={}", spec.common_name)),
+                "{name}: {text}"
+            );
             assert!(text.contains("CA:FALSE"), "{name}: {text}");
             let eku_server = text.contains("TLS Web Server Authentication");
             let eku_client = text.contains("TLS Web Client Authentication");
-            assert_eq!((eku_server, eku_client), match spec.usage {
-                Usage::Server => (true, false),
-                Usage::Client => (false, true),
-                Usage::ServerAndClient => (true, true),
-            }, "{name}: {text}");
+            assert_eq!(
+                (eku_server, eku_client),
+                match spec.usage {
+                    Usage::Server => (true, false),
+                    Usage::Client => (false, true),
+                    Usage::ServerAndClient => (true, true),
+                },
+                "{name}: {text}"
+            );
             assert_eq!(text.contains("Key Encipherment"), alg == KeyAlgorithm::Rsa2048, "{name}: {text}");
             for dns in &spec.dns_names {
                 assert!(text.contains(&format!("DNS:{dns}")), "{name} lacks DNS:{dns}");
@@ -82,7 +100,9 @@ fn every_issued_chain_verifies_with_openssl_and_has_the_right_usages() {
 fn apiserver_cert_carries_every_name_clients_use() {
     let c = cluster();
     let s = leaf_spec(CertPurpose::Apiserver, &c, &node(&c, "k8s-master2")).unwrap();
-    for want in ["kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.k8s.org", "k8s-master2"] {
+    for want in
+        ["kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.k8s.org", "k8s-master2"]
+    {
         assert!(s.dns_names.iter().any(|d| d == want), "missing {want}");
     }
     for want in ["10.40.0.1", "192.168.3.110", "192.168.3.112"] {
@@ -111,7 +131,16 @@ fn ca_validity_serials_and_pin() {
     // Same pin as openssl computes it (kubeadm's recipe).
     let (_, pubkey) = openssl(&["x509", "-in", d.path().join("ca.crt").to_str().unwrap(), "-pubkey", "-noout"]);
     std::fs::write(d.path().join("pub.pem"), pubkey).unwrap();
-    let (_, der_hex) = openssl(&["pkey", "-pubin", "-in", d.path().join("pub.pem").to_str().unwrap(), "-outform", "der", "-out", d.path().join("pub.der").to_str().unwrap()]);
+    let (_, der_hex) = openssl(&[
+        "pkey",
+        "-pubin",
+        "-in",
+        d.path().join("pub.pem").to_str().unwrap(),
+        "-outform",
+        "der",
+        "-out",
+        d.path().join("pub.der").to_str().unwrap(),
+    ]);
     let _ = der_hex;
     let der = std::fs::read(d.path().join("pub.der")).unwrap();
     assert_eq!(CaPin::of_spki_der(&der), ca.pin());
@@ -157,18 +186,58 @@ fn csr_policy_cases() {
     type Edit = Box<dyn Fn(&mut CertificateParams)>;
     let cases: Vec<(&str, Edit, Option<&str>)> = vec![
         ("empty subject", Box::new(|_| {}), None),
-        ("own names", Box::new(|p| {
-            p.distinguished_name.push(DnType::CommonName, "k8s-master1");
-            p.subject_alt_names = vec![SanType::DnsName("k8s-master1".try_into().unwrap()), SanType::IpAddress("192.168.3.111".parse().unwrap())];
-        }), None),
+        (
+            "own names",
+            Box::new(|p| {
+                p.distinguished_name.push(DnType::CommonName, "k8s-master1");
+                p.subject_alt_names = vec![
+                    SanType::DnsName("k8s-master1".try_into().unwrap()),
+                    SanType::IpAddress("192.168.3.111".parse().unwrap()),
+                ];
+            }),
+            None,
+        ),
         // basicConstraints (2.5.29.19) = SEQUENCE { cA BOOLEAN TRUE }; rcgen cannot put is_ca in a CSR.
-        ("asks for CA", Box::new(|p| p.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 19], vec![0x30, 0x03, 0x01, 0x01, 0xff])]), Some("asks to be a CA")),
-        ("foreign DNS", Box::new(|p| p.subject_alt_names = vec![SanType::DnsName("k8s-master2".try_into().unwrap())]), Some("foreign name")),
-        ("foreign IP", Box::new(|p| p.subject_alt_names = vec![SanType::IpAddress("192.168.3.112".parse().unwrap())]), Some("foreign name")),
-        ("foreign CN", Box::new(|p| p.distinguished_name.push(DnType::CommonName, "system:masters")), Some("asks for CN")),
-        ("foreign O", Box::new(|p| p.distinguished_name.push(DnType::OrganizationName, "system:masters")), Some("organization")),
-        ("unknown extension", Box::new(|p| p.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(&[1, 2, 3, 4, 5], vec![5, 0])]), Some("unknown extension")),
-        ("code signing", Box::new(|p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning]), Some("extended key usages")),
+        (
+            "asks for CA",
+            Box::new(|p| {
+                p.custom_extensions =
+                    vec![rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 19], vec![0x30, 0x03, 0x01, 0x01, 0xff])]
+            }),
+            Some("asks to be a CA"),
+        ),
+        (
+            "foreign DNS",
+            Box::new(|p| p.subject_alt_names = vec![SanType::DnsName("k8s-master2".try_into().unwrap())]),
+            Some("foreign name"),
+        ),
+        (
+            "foreign IP",
+            Box::new(|p| p.subject_alt_names = vec![SanType::IpAddress("192.168.3.112".parse().unwrap())]),
+            Some("foreign name"),
+        ),
+        (
+            "foreign CN",
+            Box::new(|p| p.distinguished_name.push(DnType::CommonName, "system:masters")),
+            Some("asks for CN"),
+        ),
+        (
+            "foreign O",
+            Box::new(|p| p.distinguished_name.push(DnType::OrganizationName, "system:masters")),
+            Some("organization"),
+        ),
+        (
+            "unknown extension",
+            Box::new(|p| {
+                p.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(&[1, 2, 3, 4, 5], vec![5, 0])]
+            }),
+            Some("unknown extension"),
+        ),
+        (
+            "code signing",
+            Box::new(|p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning]),
+            Some("extended key usages"),
+        ),
     ];
     for (name, edit, refusal) in cases {
         let csr = csr_for(&key, edit);
@@ -196,7 +265,8 @@ fn csr_with_bad_signature_or_weak_key_is_refused() {
     let mut der = CertificateSigningRequestDer::from_pem_slice(csr.as_bytes()).unwrap().as_ref().to_vec();
     let last = der.len() - 3;
     der[last] ^= 0xff;
-    let pem = format!("-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n", base64_lines(&der));
+    let pem =
+        format!("-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n", base64_lines(&der));
     let e = ca.sign_csr(&spec, &pem, YEAR).err().unwrap();
     assert!(e.to_string().contains("self-signature"), "{e}");
     assert!(ca.sign_csr(&spec, "garbage", YEAR).is_err());
@@ -206,4 +276,3 @@ fn base64_lines(der: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(der)
 }
-

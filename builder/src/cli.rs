@@ -1,0 +1,135 @@
+//! Command-line interface: the parsed options of every subcommand. `main.rs` parses, sets up
+//! logging and calls the matching function in [`crate::commands`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use firstboot::Role;
+
+use crate::state::{DEFAULT_STATE_DIR, Rotate, STATE_ENV};
+use crate::tokens::TokenUsage;
+
+/// Bakes per-role node images for a Kubernetes cluster and serves their zero-touch enrollment.
+///
+/// The main job is `imgbuild --role ROLE`: bake a bootable image for that role.
+#[derive(Debug, Parser)]
+#[command(name = "imgbuild", version, max_term_width = 80)]
+#[command(after_help = "Exit codes: 0 ok, 1 error, 2 usage, 3 invalid input (manifest, \
+definition, token), 4 missing state or host tool, 5 fetch or checksum failure.")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Cluster state directory
+    #[arg(long, global = true, env = STATE_ENV, default_value = DEFAULT_STATE_DIR, value_name = "DIR")]
+    pub state: PathBuf,
+    /// More log output (-v: debug, -vv: trace)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or complete the cluster state: resolved spec, PKI, tokens
+    Init(InitArgs),
+    /// Check a cluster manifest and report every problem
+    Validate(ValidateArgs),
+    /// Create, list and revoke bootstrap and enrollment tokens
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Cluster manifest (default: the embedded reference cluster)
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// Replace an existing CA, key, certificate or token set (repeatable): ca, etcd-ca,
+    /// front-proxy-ca, enrollment-ca, sa, serve-cert, admin, join-token, enrollment-tokens
+    #[arg(long, value_name = "WHAT")]
+    pub rotate: Vec<Rotate>,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Cluster manifest to check (default: the embedded reference cluster)
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print it on stdout
+    Create(TokenCreateArgs),
+    /// List tokens (secrets are never shown)
+    List(TokenListArgs),
+    /// Revoke a token by its id
+    Revoke(TokenRevokeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    /// Lifetime, e.g. 24h, 7d; 0 for a token that never expires
+    #[arg(long, default_value = "24h", value_name = "DURATION")]
+    pub ttl: String,
+    /// Comma-separated usages: authentication, signing (Kubernetes join tokens) or enrollment
+    #[arg(long, value_delimiter = ',', default_value = "authentication,signing")]
+    pub usages: Vec<TokenUsage>,
+    /// Extra groups for Kubernetes tokens (system:bootstrappers:...); comma-separated
+    #[arg(long, value_delimiter = ',')]
+    pub groups: Vec<String>,
+    /// Enrollment tokens: the role machines enrolling with it get
+    #[arg(long)]
+    pub role: Option<Role>,
+    /// Enrollment tokens: how many machines may enroll with it
+    #[arg(long, value_name = "N")]
+    pub max_uses: Option<u32>,
+    /// Free text shown by `token list`
+    #[arg(long, default_value = "")]
+    pub description: String,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenListArgs {
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenRevokeArgs {
+    /// The token's id (its first six characters)
+    pub id: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_fits_80_columns() {
+        let mut cmd = super::Cli::command();
+        let mut helps = vec![cmd.render_long_help().to_string()];
+        for sub in cmd.get_subcommands_mut() {
+            helps.push(sub.render_long_help().to_string());
+            for subsub in sub.get_subcommands_mut() {
+                helps.push(subsub.render_long_help().to_string());
+            }
+        }
+        for h in helps {
+            for line in h.lines() {
+                assert!(line.chars().count() <= 80, "help line over 80 columns: {line:?}");
+            }
+        }
+    }
+}

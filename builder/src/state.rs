@@ -1,0 +1,408 @@
+//! The cluster state directory (0700), created by `imgbuild init` and read by every command that
+//! needs the cluster:
+//!
+//! ```text
+//! cluster.yaml        the resolved spec (every default filled in)
+//! pki/                kubeadm's layout: ca.*, etcd/ca.*, front-proxy-ca.*, sa.key, sa.pub,
+//!                     plus enrollment-ca.* and serve.* (imgbuild serve's certificate)
+//! tokens.json         join and enrollment tokens (0600)
+//! admin.conf          the operator's kubeconfig (0600)
+//! kube/               objects to `kubectl apply -f`: bootstrap-token Secrets, RBAC, cluster-info
+//! store/              imgbuild serve's database
+//! ```
+//!
+//! Keys are 0600. Re-running `init` keeps every CA and key; replacing one takes `--rotate`.
+
+use std::path::{Path, PathBuf};
+
+use firstboot::Role;
+use firstboot::fsutil::{ensure_dir, write_atomic};
+use time::OffsetDateTime;
+
+use crate::cluster::{Cluster, EnrollPolicy, LoadError};
+use crate::kube;
+use crate::pki::{self, Ca, CaKind, CertInfo, LeafSpec, PkiError};
+use crate::tokens::{NewToken, TokenError, TokenStore, TokenUsage};
+
+/// `--state` default and its environment variable.
+pub const DEFAULT_STATE_DIR: &str = "cluster";
+pub const STATE_ENV: &str = "IMGBUILD_STATE";
+
+/// Leaf certificates in the state dir are re-issued when they expire within this long.
+const RENEW_BEFORE: time::Duration = time::Duration::days(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{0} has no cluster state (no cluster.yaml); run `imgbuild init --state {0}` first")]
+    Missing(String),
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{dir} holds the state of cluster '{existing}', but the manifest is for '{new}'; use another --state directory"
+    )]
+    OtherCluster { dir: String, existing: String, new: String },
+    #[error(
+        "{present} exists but {missing} does not; refusing to generate a new key for an existing certificate (restore the file, or replace both with --rotate {name})"
+    )]
+    HalfPair { present: PathBuf, missing: PathBuf, name: &'static str },
+    #[error(transparent)]
+    Manifest(#[from] LoadError),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Tokens(#[from] TokenError),
+}
+
+/// What `--rotate` can replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotate {
+    Ca(CaKind),
+    ServiceAccount,
+    ServeCert,
+    Admin,
+    JoinToken,
+    EnrollmentTokens,
+}
+
+impl Rotate {
+    pub const NAMES: &'static str =
+        "ca, etcd-ca, front-proxy-ca, enrollment-ca, sa, serve-cert, admin, join-token, enrollment-tokens";
+}
+
+impl std::str::FromStr for Rotate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(k) = CaKind::ALL.into_iter().find(|k| k.name() == s) {
+            return Ok(Rotate::Ca(k));
+        }
+        match s {
+            "sa" => Ok(Rotate::ServiceAccount),
+            "serve-cert" => Ok(Rotate::ServeCert),
+            "admin" => Ok(Rotate::Admin),
+            "join-token" => Ok(Rotate::JoinToken),
+            "enrollment-tokens" => Ok(Rotate::EnrollmentTokens),
+            _ => Err(format!("cannot rotate '{s}' (valid: {})", Rotate::NAMES)),
+        }
+    }
+}
+
+/// A cluster state directory.
+#[derive(Debug, Clone)]
+pub struct State {
+    pub root: PathBuf,
+}
+
+impl State {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn cluster_file(&self) -> PathBuf {
+        self.root.join("cluster.yaml")
+    }
+    pub fn pki_dir(&self) -> PathBuf {
+        self.root.join("pki")
+    }
+    pub fn tokens_file(&self) -> PathBuf {
+        self.root.join("tokens.json")
+    }
+    pub fn kube_dir(&self) -> PathBuf {
+        self.root.join("kube")
+    }
+    pub fn admin_kubeconfig(&self) -> PathBuf {
+        self.root.join("admin.conf")
+    }
+    pub fn store_dir(&self) -> PathBuf {
+        self.root.join("store")
+    }
+    pub fn serve_cert(&self) -> PathBuf {
+        self.pki_dir().join("serve.crt")
+    }
+    pub fn serve_key(&self) -> PathBuf {
+        self.pki_dir().join("serve.key")
+    }
+
+    pub fn exists(&self) -> bool {
+        self.cluster_file().is_file()
+    }
+
+    /// The resolved cluster spec.
+    pub fn cluster(&self) -> Result<Cluster, StateError> {
+        if !self.exists() {
+            return Err(StateError::Missing(self.root.display().to_string()));
+        }
+        Ok(Cluster::load(Some(&self.cluster_file()))?)
+    }
+
+    pub fn ca(&self, kind: CaKind) -> Result<Ca, StateError> {
+        Ok(Ca::load(&self.pki_dir(), kind)?)
+    }
+
+    pub fn tokens(&self) -> Result<TokenStore, StateError> {
+        Ok(TokenStore::load(&self.tokens_file())?)
+    }
+
+    fn write(&self, path: &Path, contents: &[u8], mode: u32) -> Result<(), StateError> {
+        write_atomic(path, contents, mode, None)
+            .map_err(|source| StateError::Write { path: path.to_path_buf(), source })
+    }
+
+    fn mkdir(&self, dir: &Path) -> Result<(), StateError> {
+        ensure_dir(dir, 0o700).map_err(|source| StateError::Write { path: dir.to_path_buf(), source })
+    }
+
+    /// Re-renders `kube/` from the tokens and the CA: a Secret per valid Kubernetes token, the
+    /// RBAC bindings and `cluster-info`. Files of tokens no longer valid are removed.
+    pub fn render_kube_objects(
+        &self,
+        cluster: &Cluster,
+        tokens: &TokenStore,
+        now: OffsetDateTime,
+    ) -> Result<(), StateError> {
+        let dir = self.kube_dir();
+        self.mkdir(&dir)?;
+        let ca = self.ca(CaKind::Cluster)?;
+        let mut wanted = vec!["node-bootstrap-rbac.yaml".to_string(), "cluster-info.yaml".to_string()];
+        self.write(
+            &dir.join("node-bootstrap-rbac.yaml"),
+            kube::to_yaml(&kube::node_bootstrap_rbac(crate::tokens::DEFAULT_NODE_GROUP)).as_bytes(),
+            0o644,
+        )?;
+        self.write(
+            &dir.join("cluster-info.yaml"),
+            kube::to_yaml(&kube::cluster_info(&ca.cert_pem, &cluster.api.url())).as_bytes(),
+            0o644,
+        )?;
+        for t in tokens.records.iter().filter(|t| t.is_kubernetes() && t.state(now) == crate::tokens::TokenState::Valid)
+        {
+            let name = format!("bootstrap-token-{}.yaml", t.id());
+            self.write(&dir.join(&name), kube::to_yaml(&[kube::bootstrap_token_secret(t)]).as_bytes(), 0o600)?;
+            wanted.push(name);
+        }
+        for entry in std::fs::read_dir(&dir).map_err(|source| StateError::Write { path: dir.clone(), source })? {
+            let entry = entry.map_err(|source| StateError::Write { path: dir.clone(), source })?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("bootstrap-token-") && !wanted.contains(&name) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One line of `init`'s summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub action: &'static str,
+    pub what: String,
+}
+
+#[derive(Debug, Default)]
+pub struct InitReport {
+    pub steps: Vec<Step>,
+    /// Non-fatal findings (e.g. a manifest setting that the kept PKI does not follow).
+    pub warnings: Vec<String>,
+}
+
+impl InitReport {
+    fn step(&mut self, action: &'static str, what: impl Into<String>) {
+        self.steps.push(Step { action, what: what.into() });
+    }
+}
+
+/// Does the certificate still carry `spec`'s names and stay valid long enough?
+fn leaf_is_current(cert_pem: &str, spec: &LeafSpec, now: OffsetDateTime) -> bool {
+    let Some(info) = CertInfo::parse(cert_pem) else { return false };
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    info.not_after >= now + RENEW_BEFORE
+        && sorted(info.dns_names) == sorted(spec.dns_names.clone())
+        && sorted(info.ips.iter().map(ToString::to_string).collect())
+            == sorted(spec.ips.iter().map(ToString::to_string).collect())
+}
+
+/// `imgbuild init`: creates or completes the state dir for `cluster`.
+pub fn init(state: &State, cluster: &Cluster, rotate: &[Rotate]) -> Result<InitReport, StateError> {
+    let mut report = InitReport::default();
+    let now = OffsetDateTime::now_utc();
+    if state.exists() {
+        let existing = state.cluster()?;
+        if existing.name != cluster.name {
+            return Err(StateError::OtherCluster {
+                dir: state.root.display().to_string(),
+                existing: existing.name,
+                new: cluster.name.clone(),
+            });
+        }
+    }
+    state.mkdir(&state.root)?;
+    state.mkdir(&state.pki_dir())?;
+    state.mkdir(&state.pki_dir().join("etcd"))?;
+    let pki_dir = state.pki_dir();
+    let alg = cluster.pki.key_algorithm;
+
+    // --- CAs ----------------------------------------------------------------------------------
+    let mut rotated_cluster_ca = false;
+    let mut cas = Vec::new();
+    for kind in CaKind::ALL {
+        let (cert, key) = (pki_dir.join(kind.cert_file()), pki_dir.join(kind.key_file()));
+        let wanted_rotation = rotate.contains(&Rotate::Ca(kind));
+        let ca = match (cert.exists(), key.exists(), wanted_rotation) {
+            (true, true, false) => {
+                let ca = Ca::load(&pki_dir, kind)?;
+                report.step("kept", format!("pki/{} ({})", kind.cert_file(), ca.pin()));
+                ca
+            }
+            (true, false, false) => {
+                return Err(StateError::HalfPair { present: cert, missing: key, name: kind.name() });
+            }
+            (false, true, false) => {
+                return Err(StateError::HalfPair { present: key, missing: cert, name: kind.name() });
+            }
+            (exists, _, _) => {
+                let (ca, key_pem) = Ca::generate(kind, alg, cluster.pki.ca_validity)?;
+                state.write(&key, key_pem.as_bytes(), 0o600)?;
+                state.write(&cert, ca.cert_pem.as_bytes(), 0o644)?;
+                let action = if exists { "rotated" } else { "created" };
+                report.step(action, format!("pki/{} ({}, {})", kind.cert_file(), alg.as_str(), ca.pin()));
+                rotated_cluster_ca |= kind == CaKind::Cluster && exists;
+                ca
+            }
+        };
+        cas.push(ca);
+    }
+    let cluster_ca = cas.iter().find(|c| c.kind == CaKind::Cluster).expect("cluster CA");
+
+    // --- service-account key pair ---------------------------------------------------------------
+    let (sa_key, sa_pub) = (pki_dir.join("sa.key"), pki_dir.join("sa.pub"));
+    match (sa_key.exists(), sa_pub.exists(), rotate.contains(&Rotate::ServiceAccount)) {
+        (true, true, false) => report.step("kept", "pki/sa.key, pki/sa.pub"),
+        (true, false, false) => return Err(StateError::HalfPair { present: sa_key, missing: sa_pub, name: "sa" }),
+        (false, true, false) => return Err(StateError::HalfPair { present: sa_pub, missing: sa_key, name: "sa" }),
+        (exists, _, _) => {
+            let key = pki::generate_key(alg)?;
+            state.write(&sa_key, key.serialize_pem().as_bytes(), 0o600)?;
+            state.write(&sa_pub, key.public_key_pem().as_bytes(), 0o644)?;
+            report.step(if exists { "rotated" } else { "created" }, "pki/sa.key, pki/sa.pub (service-account signing)");
+        }
+    }
+
+    // --- leaf certificates the operator's side uses ---------------------------------------------
+    let serve_spec = pki::enroll_server_spec(cluster);
+    let serve_current = std::fs::read_to_string(state.serve_cert())
+        .is_ok_and(|pem| leaf_is_current(&pem, &serve_spec, now))
+        && state.serve_key().exists();
+    if !serve_current || rotated_cluster_ca || rotate.contains(&Rotate::ServeCert) {
+        let (cert, key) = cluster_ca.issue_with_new_key(&serve_spec, alg, cluster.pki.cert_validity)?;
+        state.write(&state.serve_key(), key.as_bytes(), 0o600)?;
+        state.write(&state.serve_cert(), cert.as_bytes(), 0o644)?;
+        report
+            .step("issued", format!("pki/serve.crt (imgbuild serve: {:?} {:?})", serve_spec.dns_names, serve_spec.ips));
+    } else {
+        report.step("kept", "pki/serve.crt");
+    }
+    let admin_current = std::fs::read_to_string(state.admin_kubeconfig())
+        .ok()
+        .and_then(|kc| {
+            let v: serde_json::Value = serde_saphyr::from_str(&kc).ok()?;
+            let data = v["users"][0]["user"]["client-certificate-data"].as_str()?.to_string();
+            use base64::Engine;
+            let pem = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(data).ok()?).ok()?;
+            let server_ok = v["clusters"][0]["cluster"]["server"].as_str() == Some(cluster.api.url().as_str());
+            Some(server_ok && CertInfo::parse(&pem)?.not_after > now + RENEW_BEFORE)
+        })
+        .unwrap_or(false);
+    if !admin_current || rotated_cluster_ca || rotate.contains(&Rotate::Admin) {
+        let (cert, key) = cluster_ca.issue_with_new_key(&pki::admin_spec(), alg, cluster.pki.cert_validity)?;
+        let kc = kube::kubeconfig(
+            &cluster.name,
+            &cluster.api.url(),
+            kube::CaRef::Pem(&cluster_ca.cert_pem),
+            "kubernetes-admin",
+            kube::Auth::CertPem { cert: &cert, key: &key },
+        );
+        state.write(&state.admin_kubeconfig(), kc.as_bytes(), 0o600)?;
+        report.step("issued", "admin.conf (kubernetes-admin, system:masters)");
+    } else {
+        report.step("kept", "admin.conf");
+    }
+
+    // --- tokens -------------------------------------------------------------------------------
+    let mut tokens = state.tokens()?;
+    if rotate.contains(&Rotate::JoinToken) {
+        let ids: Vec<String> =
+            tokens.records.iter().filter(|t| t.is_kubernetes()).map(|t| t.id().to_string()).collect();
+        for id in ids {
+            tokens.revoke(&id, now)?;
+            report.step("revoked", format!("join token {id}"));
+        }
+    }
+    if rotate.contains(&Rotate::EnrollmentTokens) {
+        let ids: Vec<String> =
+            tokens.records.iter().filter(|t| !t.is_kubernetes()).map(|t| t.id().to_string()).collect();
+        for id in ids {
+            tokens.revoke(&id, now)?;
+            report.step("revoked", format!("enrollment token {id}"));
+        }
+    }
+    if tokens.join_token(now).is_none() {
+        let (usages, groups) = kube::join_token_usages();
+        let t = tokens.create(
+            NewToken {
+                ttl: Some(cluster.enrollment.join_token_ttl),
+                usages: usages.into_iter().collect(),
+                groups,
+                description: "kubelet TLS bootstrap (imgbuild init)".into(),
+                role: None,
+                max_uses: None,
+            },
+            now,
+        )?;
+        report.step("created", format!("join token {} (kubelet TLS bootstrap)", t.id()));
+    } else {
+        report.step("kept", format!("join token {}", tokens.join_token(now).expect("checked").id()));
+    }
+    let mut roles: Vec<Role> = Role::ALL.into_iter().filter(|r| cluster.nodes_with(*r).next().is_some()).collect();
+    if cluster.enrollment.policy == EnrollPolicy::AutoWorker && !roles.contains(&Role::Worker) {
+        roles.push(Role::Worker);
+    }
+    for role in roles {
+        if let Some(t) = tokens.enrollment_token(role, now) {
+            report.step("kept", format!("{role} enrollment token {}", t.id()));
+            continue;
+        }
+        // Known machines only: one use per inventory node. Otherwise new machines may come.
+        let max_uses = match (cluster.enrollment.policy, role) {
+            (EnrollPolicy::KnownOnly, _) | (_, Role::Master | Role::Etcd) => {
+                Some(cluster.nodes_with(role).count() as u32)
+            }
+            _ => None,
+        };
+        let t = tokens.create(
+            NewToken {
+                ttl: Some(cluster.enrollment.enrollment_token_ttl),
+                usages: [TokenUsage::Enrollment].into_iter().collect(),
+                groups: vec![],
+                description: format!("{role} enrollment (imgbuild init)"),
+                role: Some(role),
+                max_uses,
+            },
+            now,
+        )?;
+        report.step("created", format!("{role} enrollment token {}", t.id()));
+    }
+    tokens.save()?;
+    state.render_kube_objects(cluster, &tokens, now)?;
+    report.step("rendered", "kube/ (bootstrap-token Secret, RBAC bindings, cluster-info)");
+
+    // The resolved spec goes last: its presence marks a complete state dir.
+    state.write(&state.cluster_file(), cluster.to_yaml().as_bytes(), 0o600)?;
+    report.step("wrote", "cluster.yaml (resolved spec)");
+    Ok(report)
+}

@@ -1,0 +1,332 @@
+//! Bootstrap tokens: Kubernetes join tokens (usages `authentication`, `signing`) and our
+//! enrollment tokens (usage `enrollment`, bound to a role), kept in `tokens.json` (0600) in the
+//! state dir. Use counts live with the enrollment server's store, not here.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use firstboot::{BootstrapToken, Role};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// The group kubeadm gives join tokens; the RBAC bindings we render are for it.
+pub const DEFAULT_NODE_GROUP: &str = "system:bootstrappers:kubeadm:default-node-token";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenUsage {
+    /// Kubernetes: authenticate as `system:bootstrap:<id>` (kubelet TLS bootstrap).
+    Authentication,
+    /// Kubernetes: the bootstrap signer signs `cluster-info` with it.
+    Signing,
+    /// imgbuild serve: enroll a machine of the token's role.
+    Enrollment,
+}
+
+impl std::str::FromStr for TokenUsage {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "authentication" => Ok(TokenUsage::Authentication),
+            "signing" => Ok(TokenUsage::Signing),
+            "enrollment" => Ok(TokenUsage::Enrollment),
+            _ => Err(format!("unknown token usage '{s}' (valid: authentication, signing, enrollment)")),
+        }
+    }
+}
+
+impl TokenUsage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenUsage::Authentication => "authentication",
+            TokenUsage::Signing => "signing",
+            TokenUsage::Enrollment => "enrollment",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenRecord {
+    pub token: BootstrapToken,
+    pub description: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created: OffsetDateTime,
+    /// `None`: never expires.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires: Option<OffsetDateTime>,
+    pub usages: BTreeSet<TokenUsage>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Enrollment tokens: the role a machine enrolling with this token gets.
+    #[serde(default)]
+    pub role: Option<Role>,
+    /// Enrollment tokens: how many machines may enroll with it (`None`: no limit).
+    #[serde(default)]
+    pub max_uses: Option<u32>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub revoked: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenState {
+    Valid,
+    Expired,
+    Revoked,
+}
+
+impl TokenState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenState::Valid => "valid",
+            TokenState::Expired => "expired",
+            TokenState::Revoked => "revoked",
+        }
+    }
+}
+
+impl TokenRecord {
+    pub fn id(&self) -> &str {
+        self.token.id()
+    }
+
+    pub fn state(&self, now: OffsetDateTime) -> TokenState {
+        if self.revoked.is_some() {
+            TokenState::Revoked
+        } else if self.expires.is_some_and(|e| e <= now) {
+            TokenState::Expired
+        } else {
+            TokenState::Valid
+        }
+    }
+
+    /// A Kubernetes bootstrap token (rendered as a Secret), as opposed to an enrollment token.
+    pub fn is_kubernetes(&self) -> bool {
+        !self.usages.contains(&TokenUsage::Enrollment)
+    }
+}
+
+/// What `token create` asks for.
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub ttl: Option<Duration>,
+    pub usages: BTreeSet<TokenUsage>,
+    pub groups: Vec<String>,
+    pub description: String,
+    pub role: Option<Role>,
+    pub max_uses: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid token file: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no token with id '{0}' (see `imgbuild token list`)")]
+    NotFound(String),
+    #[error("invalid token request: {0}")]
+    Invalid(String),
+}
+
+/// Kubernetes' rule for `auth-extra-groups`: `system:bootstrappers:[a-z0-9:-]{0,255}[a-z0-9]`.
+pub fn is_valid_bootstrap_group(g: &str) -> bool {
+    let Some(rest) = g.strip_prefix("system:bootstrappers:") else { return false };
+    !rest.is_empty()
+        && rest.len() <= 256
+        && rest.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b':' || b == b'-')
+        && rest.as_bytes()[rest.len() - 1].is_ascii_alphanumeric()
+}
+
+pub struct TokenStore {
+    path: PathBuf,
+    pub records: Vec<TokenRecord>,
+}
+
+impl TokenStore {
+    /// Loads `tokens.json`; a missing file is an empty store.
+    pub fn load(path: &Path) -> Result<Self, TokenError> {
+        let records = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| TokenError::Parse { path: path.to_path_buf(), reason: e.to_string() })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => return Err(TokenError::Read { path: path.to_path_buf(), source }),
+        };
+        Ok(Self { path: path.to_path_buf(), records })
+    }
+
+    pub fn save(&self) -> Result<(), TokenError> {
+        let json = serde_json::to_vec_pretty(&self.records).expect("token records serialize");
+        firstboot::fsutil::write_atomic(&self.path, &json, 0o600, None)
+            .map_err(|source| TokenError::Write { path: self.path.clone(), source })
+    }
+
+    /// Creates a token after checking the request against Kubernetes' and our rules.
+    pub fn create(&mut self, req: NewToken, now: OffsetDateTime) -> Result<&TokenRecord, TokenError> {
+        let invalid = |m: String| Err(TokenError::Invalid(m));
+        if req.usages.is_empty() {
+            return invalid("a token needs at least one usage (authentication, signing, enrollment)".into());
+        }
+        let enrollment = req.usages.contains(&TokenUsage::Enrollment);
+        if enrollment && req.usages.len() > 1 {
+            return invalid("an enrollment token cannot also be a Kubernetes token (authentication/signing): they are trusted by different servers".into());
+        }
+        if enrollment && req.role.is_none() {
+            return invalid("an enrollment token needs --role (master, worker or etcd)".into());
+        }
+        if !enrollment && (req.role.is_some() || req.max_uses.is_some()) {
+            return invalid("--role and --max-uses apply to enrollment tokens only".into());
+        }
+        if !req.groups.is_empty() && !req.usages.contains(&TokenUsage::Authentication) {
+            return invalid("extra groups need the authentication usage".into());
+        }
+        if let Some(g) = req.groups.iter().find(|g| !is_valid_bootstrap_group(g)) {
+            return invalid(format!("group '{g}' must match system:bootstrappers:[a-z0-9:-]{{0,255}}[a-z0-9]"));
+        }
+        if req.ttl.is_some_and(|t| t.is_zero()) {
+            return invalid("the TTL must be longer than zero (omit it for a token that never expires)".into());
+        }
+        let mut token = BootstrapToken::generate();
+        while self.records.iter().any(|r| r.id() == token.id()) {
+            token = BootstrapToken::generate();
+        }
+        self.records.push(TokenRecord {
+            token,
+            description: req.description,
+            created: now,
+            expires: req.ttl.map(|t| truncate_to_seconds(now + t)),
+            usages: req.usages,
+            groups: req.groups,
+            role: req.role,
+            max_uses: req.max_uses,
+            revoked: None,
+        });
+        Ok(self.records.last().expect("just pushed"))
+    }
+
+    pub fn revoke(&mut self, id: &str, now: OffsetDateTime) -> Result<&TokenRecord, TokenError> {
+        let rec = self.records.iter_mut().find(|r| r.id() == id).ok_or_else(|| TokenError::NotFound(id.to_string()))?;
+        rec.revoked.get_or_insert(now);
+        Ok(rec)
+    }
+
+    pub fn get(&self, id: &str) -> Option<&TokenRecord> {
+        self.records.iter().find(|r| r.id() == id)
+    }
+
+    /// The newest valid Kubernetes join token (authentication usage).
+    pub fn join_token(&self, now: OffsetDateTime) -> Option<&TokenRecord> {
+        self.records
+            .iter()
+            .filter(|r| r.usages.contains(&TokenUsage::Authentication) && r.state(now) == TokenState::Valid)
+            .max_by_key(|r| r.created)
+    }
+
+    /// The newest valid enrollment token for `role`.
+    pub fn enrollment_token(&self, role: Role, now: OffsetDateTime) -> Option<&TokenRecord> {
+        self.records
+            .iter()
+            .filter(|r| r.role == Some(role) && r.state(now) == TokenState::Valid)
+            .max_by_key(|r| r.created)
+    }
+}
+
+/// RFC 3339 with whole seconds, as the bootstrap token Secret's `expiration` is written.
+fn truncate_to_seconds(t: OffsetDateTime) -> OffsetDateTime {
+    t.replace_nanosecond(0).expect("0 ns is valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(usages: &[TokenUsage]) -> NewToken {
+        NewToken {
+            ttl: Some(Duration::from_secs(3600)),
+            usages: usages.iter().copied().collect(),
+            groups: vec![],
+            description: "t".into(),
+            role: None,
+            max_uses: None,
+        }
+    }
+
+    #[test]
+    fn create_list_revoke_persist() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("tokens.json");
+        let now = OffsetDateTime::now_utc();
+        let mut s = TokenStore::load(&path).unwrap();
+        let id = s.create(req(&[TokenUsage::Authentication, TokenUsage::Signing]), now).unwrap().id().to_string();
+        let mut e = req(&[TokenUsage::Enrollment]);
+        e.role = Some(Role::Worker);
+        e.max_uses = Some(3);
+        s.create(e, now).unwrap();
+        s.save().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let mut s = TokenStore::load(&path).unwrap();
+        assert_eq!(s.records.len(), 2);
+        assert_eq!(s.join_token(now).unwrap().id(), id);
+        assert!(s.enrollment_token(Role::Worker, now).is_some());
+        assert!(s.enrollment_token(Role::Master, now).is_none());
+        s.revoke(&id, now).unwrap();
+        assert_eq!(s.get(&id).unwrap().state(now), TokenState::Revoked);
+        assert!(s.join_token(now).is_none());
+        assert!(matches!(s.revoke("zzzzzz", now), Err(TokenError::NotFound(_))));
+        let later = now + Duration::from_secs(7200);
+        assert_eq!(s.records[1].state(later), TokenState::Expired);
+    }
+
+    #[test]
+    fn request_rules() {
+        let now = OffsetDateTime::now_utc();
+        let mut s = TokenStore { path: "/nonexistent".into(), records: vec![] };
+        let cases: Vec<(&str, NewToken, Option<&str>)> = vec![
+            ("no usage", req(&[]), Some("at least one usage")),
+            ("mixed", req(&[TokenUsage::Enrollment, TokenUsage::Signing]), Some("cannot also be")),
+            ("enrollment without role", req(&[TokenUsage::Enrollment]), Some("--role")),
+            (
+                "bad group",
+                NewToken { groups: vec!["system:masters".into()], ..req(&[TokenUsage::Authentication]) },
+                Some("must match"),
+            ),
+            (
+                "group without auth",
+                NewToken { groups: vec!["system:bootstrappers:x".into()], ..req(&[TokenUsage::Signing]) },
+                Some("authentication usage"),
+            ),
+            (
+                "good group",
+                NewToken { groups: vec!["system:bootstrappers:rack-1".into()], ..req(&[TokenUsage::Authentication]) },
+                None,
+            ),
+            (
+                "zero ttl",
+                NewToken { ttl: Some(Duration::ZERO), ..req(&[TokenUsage::Signing]) },
+                Some("longer than zero"),
+            ),
+        ];
+        for (name, r, want) in cases {
+            match (s.create(r, now), want) {
+                (Ok(_), None) => {}
+                (Err(e), Some(frag)) => assert!(e.to_string().contains(frag), "{name}: {e}"),
+                (got, want) => panic!("{name}: {:?} vs {want:?}", got.map(|r| r.id().to_string())),
+            }
+        }
+        assert!(is_valid_bootstrap_group(DEFAULT_NODE_GROUP));
+        assert!(!is_valid_bootstrap_group("system:bootstrappers:"));
+        assert!(!is_valid_bootstrap_group("system:bootstrappers:x-"));
+    }
+}

@@ -1,0 +1,63 @@
+//! Proof against the real thing: the k8s testbed's bootstrap signer signs the `cluster-info` we
+//! render, and its signature is byte for byte the one we compute; our CA pin equals openssl's.
+
+mod support;
+
+use std::time::Duration;
+
+use firstboot::pin::{CaPin, detached_jws, verify_detached_jws};
+use imgbuild::cluster::{Cluster, DEFAULT_MANIFEST};
+use imgbuild::kube;
+use imgbuild::pki::CaKind;
+use imgbuild::state::{self, State};
+use support::*;
+
+#[test]
+fn bootstrap_signer_signature_equals_ours_and_pins_agree() {
+    require_tool("openssl", "openssl");
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::parse(DEFAULT_MANIFEST, "cluster.yaml").unwrap();
+    let st = State::new(dir.path().join("state"));
+    state::init(&st, &cluster, &[]).unwrap();
+    let ca_pem = std::fs::read_to_string(st.pki_dir().join("ca.crt")).unwrap();
+
+    // The testbed signs and serves with our cluster CA.
+    let tb = Testbed::up(|pki| {
+        std::fs::copy(st.pki_dir().join("ca.crt"), pki.join("ca.crt")).unwrap();
+        std::fs::copy(st.pki_dir().join("ca.key"), pki.join("ca.key")).unwrap();
+    });
+    let tokens = st.tokens().unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let join = tokens.join_token(now).unwrap().clone();
+
+    // What an operator applies: the Secret, the RBAC bindings and cluster-info for this API.
+    let mut objects = vec![kube::bootstrap_token_secret(&join)];
+    objects.extend(kube::node_bootstrap_rbac(imgbuild::tokens::DEFAULT_NODE_GROUP));
+    objects.extend(kube::cluster_info(&ca_pem, tb.api_url()));
+    let file = dir.path().join("objects.yaml");
+    std::fs::write(&file, kube::to_yaml(&objects)).unwrap();
+    let out = tb.kubectl(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+
+    let key = format!("jws-kubeconfig-{}", join.id());
+    let cm = wait_for("the bootstrap signer's JWS in cluster-info", Duration::from_secs(90), || {
+        let out = tb.kubectl(&["-n", "kube-public", "get", "configmap", "cluster-info", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["data"][&key].is_string().then_some(v)
+    });
+    let served_kubeconfig = cm["data"]["kubeconfig"].as_str().unwrap();
+    let theirs = cm["data"][&key].as_str().unwrap();
+    assert_eq!(
+        served_kubeconfig,
+        kube::cluster_info_kubeconfig(&ca_pem, tb.api_url()),
+        "kubeconfig bytes changed on the way"
+    );
+    assert_eq!(detached_jws(served_kubeconfig, &join.token), theirs, "our JWS differs from the bootstrap signer's");
+    verify_detached_jws(theirs, served_kubeconfig, &join.token).unwrap();
+
+    // The pin kubeadm users compute with openssl, from the CA the testbed serves with.
+    let served_ca = tb.pki().join("ca.crt");
+    let ours = CaPin::of_cert_pem(&std::fs::read_to_string(&served_ca).unwrap()).unwrap();
+    assert_eq!(ours.to_string(), openssl_pin(&served_ca));
+    assert_eq!(ours, st.ca(CaKind::Cluster).unwrap().pin());
+}
