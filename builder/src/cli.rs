@@ -42,6 +42,57 @@ pub enum Command {
     /// Create, list and revoke bootstrap and enrollment tokens
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Run the enrollment server nodes talk to at first boot
+    Serve(ServeArgs),
+    /// Show every machine the enrollment server knows, or approve one
+    Nodes(NodesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address and port to listen on (HTTPS)
+    #[arg(long, default_value = "0.0.0.0:9443", value_name = "ADDR:PORT")]
+    pub listen: std::net::SocketAddr,
+    /// Keep state in etcd instead of the state dir, so several servers can share it
+    /// (comma-separated client URLs)
+    #[arg(long, value_delimiter = ',', value_name = "URL")]
+    pub etcd_endpoints: Vec<String>,
+    /// CA certificate (PEM) of the etcd members
+    #[arg(long, value_name = "FILE", requires = "etcd_endpoints")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd
+    #[arg(long, value_name = "FILE", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client key (PEM) for etcd
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct NodesArgs {
+    #[command(subcommand)]
+    pub command: Option<NodesCommand>,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+    /// The enrollment server (default: the one running from this state dir)
+    #[arg(long, global = true, value_name = "URL")]
+    pub server: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodesCommand {
+    /// Let a machine waiting for approval enroll
+    Approve(ApproveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ApproveArgs {
+    /// The machine: its identity key (uuid:... or macs:...), a MAC or its UUID
+    pub machine: String,
+    /// Node name to give it (default: derived from its identity)
+    #[arg(long)]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Args)]

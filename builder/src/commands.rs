@@ -172,3 +172,160 @@ fn new_token(a: &TokenCreateArgs) -> Result<NewToken> {
 fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339).expect("valid time")
 }
+
+/// Written by `imgbuild serve` while it runs, so that `imgbuild nodes` finds it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ServeRun {
+    listen: std::net::SocketAddr,
+    pid: u32,
+}
+
+fn serve_run_file(st: &State) -> std::path::PathBuf {
+    st.root.join("serve.json")
+}
+
+pub fn serve(global: &Global, args: &crate::cli::ServeArgs) -> Result<()> {
+    use crate::serve::{Backend, ServeOptions, store::EtcdConfig};
+    let st = State::new(&global.state);
+    st.cluster()?;
+    let read = |p: &Option<std::path::PathBuf>| -> Result<Option<String>> {
+        p.as_ref()
+            .map(|p| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display())))
+            .transpose()
+    };
+    let backend = if args.etcd_endpoints.is_empty() {
+        Backend::Embedded
+    } else {
+        Backend::Etcd(EtcdConfig {
+            endpoints: args.etcd_endpoints.clone(),
+            ca_pem: read(&args.etcd_ca)?,
+            client_cert_pem: read(&args.etcd_cert)?,
+            client_key_pem: read(&args.etcd_key)?,
+            prefix: String::new(),
+        })
+    };
+    let opts = ServeOptions { listen: args.listen, backend, audit_file: true };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let running = crate::serve::start(&st, &opts).await?;
+        let run = ServeRun { listen: running.addr, pid: std::process::id() };
+        firstboot::fsutil::write_atomic(&serve_run_file(&st), &serde_json::to_vec(&run)?, 0o600, None)?;
+        eprintln!("serving enrollment on https://{} (state {})", running.addr, st.root.display());
+        running.until(shutdown_signal()).await;
+        let _ = std::fs::remove_file(serve_run_file(&st));
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// An HTTPS client with the operator's admin certificate from admin.conf.
+fn admin_client(st: &State) -> Result<reqwest::Client> {
+    use base64::Engine;
+    let kc = std::fs::read_to_string(st.admin_kubeconfig())
+        .with_context(|| format!("cannot read {}", st.admin_kubeconfig().display()))?;
+    let v: serde_json::Value = serde_saphyr::from_str(&kc).context("admin.conf")?;
+    let b64 = |p: &str| -> Result<String> {
+        let s = v.pointer(p).and_then(|x| x.as_str()).with_context(|| format!("admin.conf has no {p}"))?;
+        Ok(String::from_utf8(base64::engine::general_purpose::STANDARD.decode(s)?)?)
+    };
+    let cert = b64("/users/0/user/client-certificate-data")?;
+    let key = b64("/users/0/user/client-key-data")?;
+    let ca = std::fs::read_to_string(st.pki_dir().join("ca.crt"))?;
+    let tls = firstboot::tls::client_config(&ca, Some((&cert, &key)))?;
+    Ok(reqwest::Client::builder().tls_backend_preconfigured(tls).timeout(std::time::Duration::from_secs(30)).build()?)
+}
+
+fn server_url(st: &State, given: &Option<String>) -> Result<String> {
+    if let Some(s) = given {
+        return Ok(s.trim_end_matches('/').to_string());
+    }
+    let text = std::fs::read(serve_run_file(st))
+        .with_context(|| format!("no imgbuild serve is running from {} (give --server URL)", st.root.display()))?;
+    let run: ServeRun = serde_json::from_slice(&text)?;
+    let ip = if run.listen.ip().is_unspecified() { std::net::IpAddr::from([127, 0, 0, 1]) } else { run.listen.ip() };
+    Ok(format!("https://{}", std::net::SocketAddr::new(ip, run.listen.port())))
+}
+
+pub fn nodes(global: &Global, args: &crate::cli::NodesArgs) -> Result<()> {
+    use crate::serve::fleet::NodeStatus;
+    let st = State::new(&global.state);
+    st.cluster()?;
+    let url = server_url(&st, &args.server)?;
+    let http = admin_client(&st)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let url = url.as_str();
+        let check = |r: reqwest::Response| async move {
+            let status = r.status();
+            let body = r.text().await?;
+            if !status.is_success() {
+                bail!("{url}: HTTP {status}: {body}");
+            }
+            Ok::<_, anyhow::Error>(body)
+        };
+        match &args.command {
+            Some(crate::cli::NodesCommand::Approve(a)) => {
+                let body = serde_json::json!({"machine": a.machine, "name": a.name});
+                let r = http
+                    .post(format!("{url}/v1/nodes/approve"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .with_context(|| format!("cannot reach {url}"))?;
+                let s: NodeStatus = serde_json::from_str(&check(r).await?)?;
+                eprintln!("approved {} as {} node {}", s.machine, s.role, s.node.unwrap_or_default());
+            }
+            None => {
+                let r =
+                    http.get(format!("{url}/v1/nodes")).send().await.with_context(|| format!("cannot reach {url}"))?;
+                let body = check(r).await?;
+                let list: Vec<NodeStatus> = serde_json::from_str(&body)?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&list)?);
+                } else {
+                    print_nodes(&list)?;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+fn print_nodes(list: &[crate::serve::fleet::NodeStatus]) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<16} {:<7} {:<9} {:<15} {:<10} {:<20} MESSAGE",
+        "NODE", "ROLE", "STATE", "PHASE", "STATUS", "LAST REPORT"
+    )?;
+    for n in list {
+        let state = serde_json::to_value(n.state)?.as_str().unwrap_or_default().to_string();
+        writeln!(
+            out,
+            "{:<16} {:<7} {:<9} {:<15} {:<10} {:<20} {}",
+            n.node.as_deref().unwrap_or("-"),
+            n.role,
+            state,
+            n.phase.map_or("-", |p| p.as_str()),
+            n.status.map_or("-", |s| s.as_str()),
+            n.last_report_at.map_or("-".to_string(), rfc3339),
+            if n.node.is_none() {
+                format!("{} (imgbuild nodes approve {})", n.message, n.machine)
+            } else {
+                n.message.clone()
+            },
+        )?;
+        for e in &n.errors {
+            writeln!(out, "    error: {e}")?;
+        }
+    }
+    Ok(())
+}

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod commands;
 pub mod kube;
 pub mod pki;
+pub mod serve;
 pub mod state;
 pub mod templates;
 pub mod tokens;

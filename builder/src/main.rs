@@ -20,6 +20,8 @@ fn main() -> ExitCode {
         Some(Command::Init(a)) => commands::init(&cli.global, a),
         Some(Command::Validate(a)) => commands::validate(a),
         Some(Command::Token(c)) => commands::token(&cli.global, c),
+        Some(Command::Serve(a)) => commands::serve(&cli.global, a),
+        Some(Command::Nodes(a)) => commands::nodes(&cli.global, a),
         None => Err(anyhow::anyhow!("nothing to do: give --role ROLE to bake an image, or a subcommand (see --help)")),
     };
     match result {

@@ -12,7 +12,11 @@ pub mod paths;
 pub mod pin;
 pub mod proto;
 pub mod role;
+pub mod tls;
 pub mod token;
+
+#[cfg(feature = "agent")]
+pub mod agent;
 
 pub use role::Role;
 pub use token::BootstrapToken;

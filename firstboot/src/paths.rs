@@ -39,3 +39,32 @@ pub fn under(root: &Path, path: impl AsRef<Path>) -> PathBuf {
     let p = path.as_ref();
     root.join(p.strip_prefix("/").unwrap_or(p))
 }
+
+/// Where a node keeps the certificate and key of each purpose (kubeadm's file names).
+pub fn cert_paths(purpose: crate::proto::CertPurpose) -> (&'static str, &'static str) {
+    use crate::proto::CertPurpose as P;
+    match purpose {
+        P::Apiserver => ("/etc/kubernetes/pki/apiserver.crt", "/etc/kubernetes/pki/apiserver.key"),
+        P::ApiserverKubeletClient => {
+            ("/etc/kubernetes/pki/apiserver-kubelet-client.crt", "/etc/kubernetes/pki/apiserver-kubelet-client.key")
+        }
+        P::ApiserverEtcdClient => {
+            ("/etc/kubernetes/pki/apiserver-etcd-client.crt", "/etc/kubernetes/pki/apiserver-etcd-client.key")
+        }
+        P::FrontProxyClient => {
+            ("/etc/kubernetes/pki/front-proxy-client.crt", "/etc/kubernetes/pki/front-proxy-client.key")
+        }
+        P::EtcdServer => ("/etc/kubernetes/pki/etcd/server.crt", "/etc/kubernetes/pki/etcd/server.key"),
+        P::EtcdPeer => ("/etc/kubernetes/pki/etcd/peer.crt", "/etc/kubernetes/pki/etcd/peer.key"),
+        P::EtcdHealthcheckClient => {
+            ("/etc/kubernetes/pki/etcd/healthcheck-client.crt", "/etc/kubernetes/pki/etcd/healthcheck-client.key")
+        }
+        P::ControllerManager => {
+            ("/etc/kubernetes/pki/controller-manager.crt", "/etc/kubernetes/pki/controller-manager.key")
+        }
+        P::Scheduler => ("/etc/kubernetes/pki/scheduler.crt", "/etc/kubernetes/pki/scheduler.key"),
+        P::Admin => ("/etc/kubernetes/pki/admin.crt", "/etc/kubernetes/pki/admin.key"),
+        P::KubeletServing => ("/var/lib/kubelet/pki/kubelet.crt", "/var/lib/kubelet/pki/kubelet.key"),
+        P::KubeProxy => ("/etc/kubernetes/pki/kube-proxy.crt", "/etc/kubernetes/pki/kube-proxy.key"),
+    }
+}

@@ -132,10 +132,11 @@ pub enum CertPurpose {
     Scheduler,
     Admin,
     KubeletServing,
+    KubeProxy,
 }
 
 impl CertPurpose {
-    pub const ALL: [CertPurpose; 11] = [
+    pub const ALL: [CertPurpose; 12] = [
         CertPurpose::Apiserver,
         CertPurpose::ApiserverKubeletClient,
         CertPurpose::ApiserverEtcdClient,
@@ -147,6 +148,7 @@ impl CertPurpose {
         CertPurpose::Scheduler,
         CertPurpose::Admin,
         CertPurpose::KubeletServing,
+        CertPurpose::KubeProxy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -162,6 +164,7 @@ impl CertPurpose {
             CertPurpose::Scheduler => "scheduler",
             CertPurpose::Admin => "admin",
             CertPurpose::KubeletServing => "kubelet-serving",
+            CertPurpose::KubeProxy => "kube-proxy",
         }
     }
 }
@@ -277,6 +280,14 @@ pub struct JoinSpec {
     pub discovery: bool,
     /// The kubelet unit to start once the bootstrap kubeconfig is in place.
     pub kubelet_unit: String,
+    /// The bootstrap kubeconfig (API through the VIP, the cluster CA file, the token), written to
+    /// [`crate::paths::BOOTSTRAP_KUBECONFIG`] once discovery has verified the cluster.
+    pub bootstrap_kubeconfig: String,
+    /// Masters: labels and taints to put on the node once it is registered.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_taints: Vec<Taint>,
     /// Masters: wait for the local control plane before joining.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_plane: Option<ControlPlaneCheck>,
@@ -296,6 +307,15 @@ pub struct ControlPlaneCheck {
     /// Admin credentials, used for `/readyz` and to apply the cluster objects.
     pub admin_cert: String,
     pub admin_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Taint {
+    pub key: String,
+    #[serde(default)]
+    pub value: String,
+    pub effect: String,
 }
 
 /// Everything a node needs, rendered by the server for that node.

@@ -200,6 +200,7 @@ pub fn leaf_spec(purpose: CertPurpose, cluster: &Cluster, node: &NodeIdentity) -
             s.ips = node_ips;
             s
         }
+        P::KubeProxy if node.role != Role::Etcd => spec(CaKind::Cluster, "system:kube-proxy", &[], Usage::Client),
         _ => return None,
     })
 }

@@ -116,7 +116,7 @@ fn workers_get_no_control_plane_certs() {
     let w = node(&c, "k8s-worker1");
     for p in CertPurpose::ALL {
         let got = leaf_spec(p, &c, &w);
-        assert_eq!(got.is_some(), p == CertPurpose::KubeletServing, "{p}");
+        assert_eq!(got.is_some(), matches!(p, CertPurpose::KubeletServing | CertPurpose::KubeProxy), "{p}");
     }
 }
 

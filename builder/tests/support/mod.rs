@@ -136,3 +136,60 @@ pub fn openssl_pin(ca_crt: &Path) -> String {
     assert!(out.status.success());
     format!("sha256:{}", String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap())
 }
+
+/// A cluster state dir made from the reference manifest with `edit` applied to its text.
+pub fn state_with(
+    dir: &Path,
+    edit: impl FnOnce(String) -> String,
+) -> (imgbuild::state::State, imgbuild::cluster::Cluster) {
+    let text = edit(imgbuild::cluster::DEFAULT_MANIFEST.to_string());
+    let cluster = imgbuild::cluster::Cluster::parse(&text, "test.yaml").unwrap();
+    let st = imgbuild::state::State::new(dir.join("state"));
+    imgbuild::state::init(&st, &cluster, &[]).unwrap();
+    (st, cluster)
+}
+
+/// A node's tree for firstboot `--root`: sysfs with one NIC of this MAC, and /etc/passwd.
+pub fn node_root(dir: &Path, mac: &str) -> PathBuf {
+    let root = dir.to_path_buf();
+    let nic = root.join("sys/class/net/eth0");
+    std::fs::create_dir_all(&nic).unwrap();
+    std::fs::write(nic.join("address"), format!("{mac}\n")).unwrap();
+    std::fs::write(nic.join("type"), "1\n").unwrap();
+    std::fs::write(nic.join("addr_assign_type"), "0\n").unwrap();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\netcd:x:107:113::/var/lib/etcd:/usr/sbin/nologin\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\netcd:x:113:\n").unwrap();
+    root
+}
+
+/// The payload a node of `role` gets, pointing at `server`.
+pub fn payload(st: &imgbuild::state::State, role: firstboot::Role, server: &str) -> firstboot::bootcfg::BootConfig {
+    let now = time::OffsetDateTime::now_utc();
+    let tokens = st.tokens().unwrap();
+    firstboot::bootcfg::BootConfig {
+        version: firstboot::bootcfg::BOOT_CONFIG_VERSION,
+        servers: vec![server.to_string()],
+        ca_pin: st.ca(imgbuild::pki::CaKind::Cluster).unwrap().pin(),
+        token: tokens.enrollment_token(role, now).unwrap().token.clone(),
+        role,
+        network: None,
+    }
+}
+
+/// Path of a workspace binary, building it first if this test run did not.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join(name);
+    if !bin.exists() {
+        let st =
+            Command::new(env!("CARGO")).args(["build", "--bin", name]).current_dir(workspace_root()).status().unwrap();
+        assert!(st.success(), "cargo build --bin {name}");
+    }
+    bin
+}

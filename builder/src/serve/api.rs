@@ -1,0 +1,217 @@
+//! HTTP handlers of the enrollment API. Every request carries the [`Peer`] its TLS connection
+//! authenticated; nodes are identified by their enrollment client certificate, operators by an
+//! admin certificate from the cluster CA.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Extension, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use firstboot::proto::*;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::fleet::{ApiError, Fleet, NodeRecord};
+use super::render::Renderer;
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub client: Option<Client>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Client {
+    /// A node's enrollment certificate: its CN is the node name.
+    Node { name: String, spki: Vec<u8> },
+    /// An operator (cluster CA, `system:masters`).
+    Admin { name: String },
+}
+
+pub struct App {
+    pub fleet: Fleet,
+    pub renderer: Renderer,
+    limiter: RateLimiter,
+}
+
+impl App {
+    pub fn new(fleet: Fleet, renderer: Renderer) -> Self {
+        App { fleet, renderer, limiter: RateLimiter::default() }
+    }
+}
+
+/// Failed enrollments per source address: after `MAX_FAILURES` in a window, the source is
+/// answered 429 until the window ends.
+#[derive(Default)]
+struct RateLimiter {
+    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+const MAX_FAILURES: u32 = 20;
+const WINDOW: Duration = Duration::from_secs(60);
+
+impl RateLimiter {
+    fn check(&self, ip: IpAddr) -> Result<(), ApiError> {
+        let map = self.failures.lock().expect("rate limiter lock");
+        match map.get(&ip) {
+            Some((start, n)) if *n >= MAX_FAILURES && start.elapsed() < WINDOW => Err(ApiError::new(
+                ErrorCode::RateLimited,
+                format!("too many failed attempts from {ip}; retry in {}s", (WINDOW - start.elapsed()).as_secs() + 1),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn failed(&self, ip: IpAddr) {
+        let mut map = self.failures.lock().expect("rate limiter lock");
+        let entry = map.entry(ip).or_insert((Instant::now(), 0));
+        if entry.0.elapsed() >= WINDOW {
+            *entry = (Instant::now(), 0);
+        }
+        entry.1 += 1;
+        if map.len() > 100_000 {
+            map.retain(|_, (start, _)| start.elapsed() < WINDOW);
+        }
+    }
+}
+
+fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::BadRequest | ErrorCode::UnsupportedProtocol => StatusCode::BAD_REQUEST,
+        ErrorCode::InvalidToken | ErrorCode::TokenExpired | ErrorCode::TokenRevoked | ErrorCode::NotEnrolled => {
+            StatusCode::UNAUTHORIZED
+        }
+        ErrorCode::TokenRole
+        | ErrorCode::TokenExhausted
+        | ErrorCode::UnknownMachine
+        | ErrorCode::IdentityConflict
+        | ErrorCode::CsrRefused => StatusCode::FORBIDDEN,
+        ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (status_of(self.code), axum::Json(ErrorBody { code: self.code, error: self.message })).into_response()
+    }
+}
+
+type ApiResult<T> = Result<axum::Json<T>, ApiError>;
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("request body: {e}")))
+}
+
+fn ok<T: Serialize>(v: T) -> ApiResult<T> {
+    Ok(axum::Json(v))
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route(PATH_ENROLL, post(enroll))
+        .route(PATH_CONFIG, get(config))
+        .route(PATH_SIGN, post(sign))
+        .route(PATH_REPORT, post(report))
+        .route(PATH_BOOTSTRAP_LEASE, post(lease))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes/approve", post(approve))
+        .route("/metrics", get(metrics))
+        .route(PATH_HEALTH, get(|| async { "ok" }))
+        .with_state(app)
+}
+
+async fn enroll(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    body: Bytes,
+) -> ApiResult<EnrollResponse> {
+    app.fleet.metrics.request();
+    let ip = peer.addr.ip();
+    app.limiter.check(ip)?;
+    let req: EnrollRequest = parse(&body).inspect_err(|_| app.limiter.failed(ip))?;
+    match app.fleet.enroll(req, ip).await {
+        Ok(r) => ok(r),
+        Err(e) => {
+            if e.code != ErrorCode::Internal {
+                app.limiter.failed(ip);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The enrolled node behind this connection's client certificate.
+async fn node(app: &App, peer: &Peer) -> Result<NodeRecord, ApiError> {
+    app.fleet.metrics.request();
+    match &peer.client {
+        Some(Client::Node { name, spki }) => app.fleet.authenticate(name, spki).await,
+        _ => Err(ApiError::new(ErrorCode::NotEnrolled, "this call needs the client certificate from enrollment")),
+    }
+}
+
+async fn config(State(app): State<Arc<App>>, Extension(peer): Extension<Peer>) -> ApiResult<NodeConfig> {
+    let node = node(&app, &peer).await?;
+    ok(app.renderer.node_config(&app.fleet, &node).await?)
+}
+
+async fn sign(State(app): State<Arc<App>>, Extension(peer): Extension<Peer>, body: Bytes) -> ApiResult<SignResponse> {
+    let node = node(&app, &peer).await?;
+    ok(app.fleet.sign(&node.name, parse(&body)?, peer.addr.ip()).await?)
+}
+
+async fn report(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let node = node(&app, &peer).await?;
+    app.fleet.report(&node.name, parse(&body)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn lease(State(app): State<Arc<App>>, Extension(peer): Extension<Peer>, body: Bytes) -> ApiResult<LeaseResponse> {
+    let node = node(&app, &peer).await?;
+    let req: LeaseRequest = parse(&body)?;
+    ok(app.fleet.lease(&node, req.action, || app.renderer.cluster_objects()).await?)
+}
+
+fn admin(peer: &Peer) -> Result<(), ApiError> {
+    match &peer.client {
+        Some(Client::Admin { .. }) => Ok(()),
+        _ => Err(ApiError::new(ErrorCode::NotEnrolled, "this call needs an admin certificate (admin.conf)")),
+    }
+}
+
+async fn nodes(State(app): State<Arc<App>>, Extension(peer): Extension<Peer>) -> Result<Response, ApiError> {
+    admin(&peer)?;
+    Ok(axum::Json(app.fleet.status().await?).into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct ApproveRequest {
+    machine: String,
+    name: Option<String>,
+}
+
+async fn approve(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    admin(&peer)?;
+    let req: ApproveRequest = parse(&body)?;
+    Ok(axum::Json(app.fleet.approve(&req.machine, req.name).await?).into_response())
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
+    let status = app.fleet.status().await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.fleet.metrics.render(&status)).into_response())
+}

@@ -1,0 +1,141 @@
+//! The embedded backend. One writer thread takes commits from a queue and applies everything
+//! queued in one redb write transaction with one fsync (group commit), answering each request
+//! once that transaction is durable. Values are stored as an 8-byte big-endian version followed
+//! by the bytes; versions come from one counter, so they only grow.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, mpsc};
+
+use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::oneshot;
+
+use super::{Entry, StoreError, Txn};
+
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Commits applied in one transaction at most.
+const MAX_BATCH: usize = 512;
+
+type Reply = oneshot::Sender<Result<bool, StoreError>>;
+
+pub struct RedbStore {
+    db: Arc<Database>,
+    path: PathBuf,
+    queue: mpsc::Sender<(Txn, Reply)>,
+}
+
+fn err(path: &Path, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Redb { path: path.display().to_string(), message: e.to_string() }
+}
+
+fn decode(raw: &[u8]) -> Entry {
+    let (v, value) = raw.split_at(8);
+    Entry { version: u64::from_be_bytes(v.try_into().expect("8 bytes")), value: value.to_vec() }
+}
+
+impl RedbStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Arc::new(Database::create(path).map_err(|e| err(path, e))?);
+        let w = db.begin_write().map_err(|e| err(path, e))?;
+        w.open_table(KV).map_err(|e| err(path, e))?;
+        w.open_table(META).map_err(|e| err(path, e))?;
+        w.commit().map_err(|e| err(path, e))?;
+        let (queue, rx) = mpsc::channel();
+        let (db2, path2) = (db.clone(), path.to_path_buf());
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer(&db2, &path2, rx))
+            .map_err(|e| err(path, e))?;
+        Ok(Self { db, path: path.to_path_buf(), queue })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        let r = self.db.begin_read().map_err(|e| err(&self.path, e))?;
+        let t = r.open_table(KV).map_err(|e| err(&self.path, e))?;
+        Ok(t.get(key).map_err(|e| err(&self.path, e))?.map(|g| decode(g.value())))
+    }
+
+    pub fn list(&self, prefix: &str) -> Result<Vec<(String, Entry)>, StoreError> {
+        let r = self.db.begin_read().map_err(|e| err(&self.path, e))?;
+        let t = r.open_table(KV).map_err(|e| err(&self.path, e))?;
+        let mut out = Vec::new();
+        for item in t.range(prefix..).map_err(|e| err(&self.path, e))? {
+            let (k, v) = item.map_err(|e| err(&self.path, e))?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            out.push((k.value().to_string(), decode(v.value())));
+        }
+        Ok(out)
+    }
+
+    pub async fn commit(&self, txn: Txn) -> Result<bool, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.queue.send((txn, tx)).map_err(|_| err(&self.path, "the store writer stopped"))?;
+        rx.await.map_err(|_| err(&self.path, "the store writer stopped"))?
+    }
+}
+
+fn writer(db: &Database, path: &Path, rx: mpsc::Receiver<(Txn, Reply)>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        match apply(db, &batch) {
+            Ok(outcomes) => {
+                for ((_, reply), ok) in batch.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(ok));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(err(path, &message)));
+                }
+            }
+        }
+    }
+}
+
+/// Applies each transaction in order inside one write transaction; a transaction whose checks
+/// fail writes nothing. Returns whether each applied.
+fn apply(db: &Database, batch: &[(Txn, Reply)]) -> Result<Vec<bool>, ::redb::Error> {
+    let w = db.begin_write()?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    {
+        let mut kv = w.open_table(KV)?;
+        let mut meta = w.open_table(META)?;
+        let mut seq = meta.get("seq")?.map(|g| g.value()).unwrap_or(0);
+        for (txn, _) in batch {
+            let mut ok = true;
+            for (key, want) in &txn.checks {
+                let have = kv.get(key.as_str())?.map(|g| decode(g.value()).version).unwrap_or(0);
+                if have != *want {
+                    ok = false;
+                    break;
+                }
+            }
+            if ok {
+                seq += 1;
+                for (key, value) in &txn.puts {
+                    let mut raw = Vec::with_capacity(8 + value.len());
+                    raw.extend_from_slice(&seq.to_be_bytes());
+                    raw.extend_from_slice(value);
+                    kv.insert(key.as_str(), raw.as_slice())?;
+                }
+            }
+            outcomes.push(ok);
+        }
+        meta.insert("seq", seq)?;
+    }
+    w.commit()?;
+    Ok(outcomes)
+}

@@ -1,0 +1,166 @@
+//! Host settings behind [`Host`]: [`RealHost`] acts on the running system (nix for the hostname
+//! and swap, /proc/sys for sysctls, modprobe for modules, sys-mount for data disks);
+//! [`Recorder`] writes down what would be done, for tests and `--simulate`.
+
+use std::path::{Path, PathBuf};
+
+use crate::paths;
+use crate::proto::DataDisk;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("hostname {name}: {reason}")]
+    Hostname { name: String, reason: String },
+    #[error("sysctl {key}={value}: {reason}")]
+    Sysctl { key: String, value: String, reason: String },
+    #[error("kernel module {name}: {reason}")]
+    Module { name: String, reason: String },
+    #[error("swap off: {0}")]
+    Swap(String),
+    #[error("data disk with label {label} at {mount_point}: {reason}")]
+    Mount { label: String, mount_point: String, reason: String },
+}
+
+pub trait Host {
+    fn set_hostname(&mut self, name: &str) -> Result<(), HostError>;
+    fn sysctl(&mut self, key: &str, value: &str) -> Result<(), HostError>;
+    fn load_module(&mut self, name: &str) -> Result<(), HostError>;
+    fn swap_off(&mut self) -> Result<(), HostError>;
+    fn mount_data_disk(&mut self, disk: &DataDisk) -> Result<(), HostError>;
+}
+
+/// The running system under `root` (normally `/`).
+pub struct RealHost {
+    pub root: PathBuf,
+}
+
+impl RealHost {
+    fn path(&self, p: &str) -> PathBuf {
+        paths::under(&self.root, p)
+    }
+}
+
+impl Host for RealHost {
+    fn set_hostname(&mut self, name: &str) -> Result<(), HostError> {
+        let err = |reason: String| HostError::Hostname { name: name.to_string(), reason };
+        crate::fsutil::write_atomic(&self.path("/etc/hostname"), format!("{name}\n").as_bytes(), 0o644, None)
+            .map_err(|e| err(format!("/etc/hostname: {e}")))?;
+        nix::unistd::sethostname(name).map_err(|e| err(e.to_string()))
+    }
+
+    fn sysctl(&mut self, key: &str, value: &str) -> Result<(), HostError> {
+        let path = self.path(&format!("/proc/sys/{}", key.replace('.', "/")));
+        let err = |reason: String| HostError::Sysctl { key: key.to_string(), value: value.to_string(), reason };
+        match std::fs::write(&path, value) {
+            Ok(()) => Ok(()),
+            // Read-only (a container): fine if it already has the value.
+            Err(e) => match std::fs::read_to_string(&path) {
+                Ok(cur) if cur.split_whitespace().eq(value.split_whitespace()) => Ok(()),
+                Ok(cur) => Err(err(format!("{e}; it is {}", cur.trim()))),
+                Err(_) => Err(err(e.to_string())),
+            },
+        }
+    }
+
+    fn load_module(&mut self, name: &str) -> Result<(), HostError> {
+        if self.path(&format!("/sys/module/{name}")).exists() {
+            return Ok(());
+        }
+        // Dependencies and compressed modules are kmod's business.
+        let out = std::process::Command::new("modprobe")
+            .arg(name)
+            .output()
+            .map_err(|e| HostError::Module { name: name.to_string(), reason: format!("cannot run modprobe: {e}") })?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(HostError::Module {
+                name: name.to_string(),
+                reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            })
+        }
+    }
+
+    fn swap_off(&mut self) -> Result<(), HostError> {
+        let swaps = std::fs::read_to_string(self.path("/proc/swaps")).unwrap_or_default();
+        for dev in swaps.lines().skip(1).filter_map(|l| l.split_whitespace().next()) {
+            let c = std::ffi::CString::new(dev).map_err(|e| HostError::Swap(e.to_string()))?;
+            // SAFETY: swapoff(2) with a valid NUL-terminated path.
+            if unsafe { nix::libc::swapoff(c.as_ptr()) } != 0 {
+                return Err(HostError::Swap(format!("{dev}: {}", std::io::Error::last_os_error())));
+            }
+        }
+        Ok(())
+    }
+
+    fn mount_data_disk(&mut self, disk: &DataDisk) -> Result<(), HostError> {
+        let err = |reason: String| HostError::Mount {
+            label: disk.label.clone(),
+            mount_point: disk.mount_point.clone(),
+            reason,
+        };
+        let src = self.path(&format!("/dev/disk/by-label/{}", disk.label));
+        if !src.exists() {
+            return if disk.required { Err(err("no such disk".into())) } else { Ok(()) };
+        }
+        let target = self.path(&disk.mount_point);
+        std::fs::create_dir_all(&target).map_err(|e| err(e.to_string()))?;
+        if is_mountpoint(&target) {
+            return Ok(());
+        }
+        sys_mount::Mount::builder()
+            .fstype(disk.fstype.as_str())
+            .mount(&src, &target)
+            .map(|_| ())
+            .map_err(|e| err(e.to_string()))
+    }
+}
+
+fn is_mountpoint(p: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let p = p.to_string_lossy();
+    mounts.lines().any(|l| l.split_whitespace().nth(4) == Some(&p))
+}
+
+/// Writes down effects instead of performing them.
+#[derive(Default)]
+pub struct Recorder {
+    pub effects: Vec<String>,
+    /// Also append each effect to this file (for `--simulate` runs in other processes).
+    pub log: Option<PathBuf>,
+}
+
+impl Recorder {
+    pub fn note(&mut self, effect: String) {
+        if let Some(p) = &self.log {
+            use std::io::Write;
+            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(p) {
+                let _ = writeln!(f, "{effect}");
+            }
+        }
+        self.effects.push(effect);
+    }
+}
+
+impl Host for Recorder {
+    fn set_hostname(&mut self, name: &str) -> Result<(), HostError> {
+        self.note(format!("hostname {name}"));
+        Ok(())
+    }
+    fn sysctl(&mut self, key: &str, value: &str) -> Result<(), HostError> {
+        self.note(format!("sysctl {key}={value}"));
+        Ok(())
+    }
+    fn load_module(&mut self, name: &str) -> Result<(), HostError> {
+        self.note(format!("modprobe {name}"));
+        Ok(())
+    }
+    fn swap_off(&mut self) -> Result<(), HostError> {
+        self.note("swapoff -a".into());
+        Ok(())
+    }
+    fn mount_data_disk(&mut self, disk: &DataDisk) -> Result<(), HostError> {
+        self.note(format!("mount LABEL={} {} ({})", disk.label, disk.mount_point, disk.fstype));
+        Ok(())
+    }
+}

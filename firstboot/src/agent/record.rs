@@ -1,0 +1,107 @@
+//! The phase record, `/var/lib/firstboot/state.json` (0600: it holds the token and, on masters,
+//! CA keys from the config): which phase comes next and everything earlier phases learned.
+//! Rewritten atomically after every phase, so a crash or power cut resumes where it stopped.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::bootcfg::BootConfig;
+use crate::fsutil::{ensure_dir, write_atomic};
+use crate::paths;
+use crate::proto::{ImageInfo, IssuedCert, MachineIdentity, NodeAssignment, NodeConfig, Phase, Report};
+
+pub const RECORD_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    pub version: u32,
+    /// The next phase to run; every earlier one has succeeded.
+    pub phase: Phase,
+    /// Boots that found this record (1 on the first).
+    pub boots: u32,
+    pub identity: Option<MachineIdentity>,
+    pub boot_config: Option<BootConfig>,
+    pub image: Option<ImageInfo>,
+    pub node: Option<NodeAssignment>,
+    /// PEM client certificate from enrollment (its key is `enroll.key` beside this file).
+    pub client_cert: Option<String>,
+    pub config: Option<NodeConfig>,
+    #[serde(default)]
+    pub certs: Vec<IssuedCert>,
+    /// Reports not yet delivered (those before enrollment, or while the server was away).
+    #[serde(default)]
+    pub pending_reports: Vec<Report>,
+    /// When provisioning finished, and how.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+    #[serde(default)]
+    pub outcome: String,
+}
+
+impl Record {
+    pub fn new() -> Self {
+        Record {
+            version: RECORD_VERSION,
+            phase: Phase::Identify,
+            boots: 0,
+            identity: None,
+            boot_config: None,
+            image: None,
+            node: None,
+            client_cert: None,
+            config: None,
+            certs: Vec::new(),
+            pending_reports: Vec::new(),
+            finished_at: None,
+            outcome: String::new(),
+        }
+    }
+}
+
+impl Default for Record {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Where the record lives under a root.
+pub struct RecordFile {
+    path: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("cannot read {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("{0} is not a firstboot state file ({1}); move it away to start over")]
+    Parse(PathBuf, String),
+    #[error("cannot write {0}")]
+    Write(PathBuf, #[source] std::io::Error),
+}
+
+impl RecordFile {
+    pub fn new(root: &Path) -> Self {
+        RecordFile { path: paths::under(root, paths::STATE_FILE) }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.path.parent().expect("state file has a directory")
+    }
+
+    pub fn load(&self) -> Result<Record, RecordError> {
+        match std::fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| RecordError::Parse(self.path.clone(), e.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Record::new()),
+            Err(e) => Err(RecordError::Read(self.path.clone(), e)),
+        }
+    }
+
+    pub fn save(&self, r: &Record) -> Result<(), RecordError> {
+        ensure_dir(self.dir(), 0o700).map_err(|e| RecordError::Write(self.dir().to_path_buf(), e))?;
+        let json = serde_json::to_vec_pretty(r).expect("record serializes");
+        write_atomic(&self.path, &json, 0o600, None).map_err(|e| RecordError::Write(self.path.clone(), e))
+    }
+}
