@@ -60,9 +60,7 @@ fn main() -> ExitCode {
     opts.config = cli.config;
     opts.deadline = Duration::from_secs(cli.deadline);
     opts.join = !cli.no_join;
-    opts.crash_after = std::env::var("FIRSTBOOT_CRASH_AFTER")
-        .ok()
-        .and_then(|p| serde_json::from_value::<Phase>(serde_json::Value::String(p)).ok());
+    opts.crash = std::env::var("FIRSTBOOT_CRASH").ok().and_then(|c| firstboot::agent::Crash::parse(&c));
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

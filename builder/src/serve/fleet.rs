@@ -366,7 +366,8 @@ impl Fleet {
                 n.uuid.as_ref().is_some_and(|u| identity.uuid.as_deref() == Some(u.as_str()))
                     || n.mac.as_ref().is_some_and(|mac| identity.macs.iter().any(|x| x == mac.as_str()))
             });
-            let (name, node_role, ip, pod_index) = match (inventory, &machine) {
+            // (name, role, address, pod range, whether the name was generated here)
+            let (name, node_role, ip, pod_index, generated) = match (inventory, &machine) {
                 (Some((i, n)), _) => {
                     if n.role != role {
                         return Err(ApiError::new(
@@ -377,13 +378,13 @@ impl Fleet {
                             ),
                         ));
                     }
-                    (n.name.clone(), n.role, Some(n.ip()), i)
+                    (n.name.clone(), n.role, Some(n.ip()), i, false)
                 }
                 (None, Some(m)) if m.state == MachineState::Approved => {
                     let name = m.node.clone().expect("approved machines have a name");
                     let (n, cver) = self.auto_index().await?;
                     txn.check("auto/next", cver).put("auto/next", json(&(n + 1)));
-                    (name, m.role, None, self.cluster.nodes.len() + n)
+                    (name, m.role, None, self.cluster.nodes.len() + n, false)
                 }
                 (None, _) => match self.cluster.enrollment.policy {
                     EnrollPolicy::KnownOnly => {
@@ -430,7 +431,7 @@ impl Fleet {
                         }
                         let (n, cver) = self.auto_index().await?;
                         txn.check("auto/next", cver).put("auto/next", json(&(n + 1)));
-                        (self.auto_name(n), Role::Worker, None, self.cluster.nodes.len() + n)
+                        (self.auto_name(n), Role::Worker, None, self.cluster.nodes.len() + n, true)
                     }
                 },
             };
@@ -444,6 +445,10 @@ impl Fleet {
             // One machine per node, for good.
             let node_key = format!("nodes/{name}");
             let (existing, nver) = self.get::<NodeRecord>(&node_key).await?;
+            if existing.as_ref().is_some_and(|n| n.machine != mkey) && generated {
+                // The counter we read was stale (another server took this name): read again.
+                continue;
+            }
             if let Some(other) = existing.filter(|n| n.machine != mkey) {
                 self.audit.line(
                     "conflict",

@@ -3,6 +3,8 @@
 //! installs everything with `.ci/setup-host`.
 #![allow(dead_code)]
 
+pub mod sim;
+
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -192,4 +194,172 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         assert!(st.success(), "cargo build --bin {name}");
     }
     bin
+}
+
+/// `imgbuild serve` as a process (optionally inside a network namespace); killed on drop.
+pub struct ServeProcess {
+    pub guard: ChildGuard,
+    pub url: String,
+    pub state: PathBuf,
+}
+
+impl ServeProcess {
+    pub fn start(state: &Path, listen: &str, netns: Option<&str>) -> ServeProcess {
+        let _ = std::fs::remove_file(state.join("serve.json"));
+        let imgbuild = env!("CARGO_BIN_EXE_imgbuild");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, imgbuild]);
+                c
+            }
+            None => Command::new(imgbuild),
+        };
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(state.join("serve.log")).unwrap();
+        let child = cmd
+            .args(["--state", state.to_str().unwrap(), "serve", "--listen", listen])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let guard = ChildGuard(child, "imgbuild serve".into());
+        let run = wait_for("imgbuild serve to listen", Duration::from_secs(30), || {
+            std::fs::read(state.join("serve.json")).ok()
+        });
+        let run: serde_json::Value = serde_json::from_slice(&run).unwrap();
+        let addr: std::net::SocketAddr = run["listen"].as_str().unwrap().parse().unwrap();
+        ServeProcess { guard, url: format!("https://{addr}"), state: state.to_path_buf() }
+    }
+
+    /// `imgbuild nodes --json` against this server.
+    pub fn nodes(&self) -> Vec<imgbuild::serve::fleet::NodeStatus> {
+        let out = Command::new(env!("CARGO_BIN_EXE_imgbuild"))
+            .args(["--state", self.state.to_str().unwrap(), "nodes", "--json", "--server", &self.url])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "imgbuild nodes: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn kill9(mut self) {
+        let _ = self.guard.0.kill();
+        let _ = self.guard.0.wait();
+    }
+}
+
+/// Real etcd members (Debian's etcd-server) on loopback with TLS from the state's etcd CA,
+/// client-certificate auth on, and a client certificate for talking to them.
+pub struct EtcdCluster {
+    pub guards: Vec<ChildGuard>,
+    pub endpoints: Vec<String>,
+    pub ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub dir: PathBuf,
+    pub names: Vec<String>,
+}
+
+impl EtcdCluster {
+    /// Starts the cluster's etcd members (`members` of them), all on 127.0.0.1.
+    pub fn start(
+        dir: &Path,
+        st: &imgbuild::state::State,
+        cluster: &imgbuild::cluster::Cluster,
+        members: usize,
+    ) -> EtcdCluster {
+        use firstboot::proto::CertPurpose;
+        use imgbuild::pki::{CaKind, NodeIdentity, leaf_spec};
+        let etcd = require_tool("etcd", "etcd-server");
+        let ca = st.ca(CaKind::Etcd).unwrap();
+        let ca_file = st.pki_dir().join(CaKind::Etcd.cert_file());
+        let year = Duration::from_secs(365 * 86400);
+        let nodes: Vec<_> = cluster.etcd_members().take(members).collect();
+        let ports: Vec<(u16, u16)> = nodes.iter().map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> =
+            nodes.iter().zip(&ports).map(|(m, (_, p))| format!("{}=https://127.0.0.1:{p}", m.name)).collect();
+        let mut guards = Vec::new();
+        for (m, (client, peer)) in nodes.iter().zip(&ports) {
+            let node = NodeIdentity { name: m.name.clone(), role: m.role, ip: Some(m.ip()) };
+            let mdir = dir.join(&m.name);
+            std::fs::create_dir_all(&mdir).unwrap();
+            for (purpose, stem) in [(CertPurpose::EtcdServer, "server"), (CertPurpose::EtcdPeer, "peer")] {
+                let spec = leaf_spec(purpose, cluster, &node).unwrap();
+                let (cert, key) = ca.issue_with_new_key(&spec, cluster.pki.key_algorithm, year).unwrap();
+                std::fs::write(mdir.join(format!("{stem}.crt")), cert).unwrap();
+                std::fs::write(mdir.join(format!("{stem}.key")), key).unwrap();
+            }
+            let f = |n: &str| mdir.join(n).display().to_string();
+            let log = std::fs::File::create(mdir.join("etcd.log")).unwrap();
+            let ca_s = ca_file.display().to_string();
+            let child = Command::new(&etcd)
+                .args(["--name", &m.name, "--data-dir", &f("data"), "--logger=zap", "--log-outputs=stderr"])
+                .args(["--listen-client-urls", &format!("https://127.0.0.1:{client}")])
+                .args(["--advertise-client-urls", &format!("https://127.0.0.1:{client}")])
+                .args(["--listen-peer-urls", &format!("https://127.0.0.1:{peer}")])
+                .args(["--initial-advertise-peer-urls", &format!("https://127.0.0.1:{peer}")])
+                .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", "imgbuild-test", "--client-cert-auth", "--peer-client-cert-auth"])
+                .args(["--trusted-ca-file", &ca_s, "--cert-file", &f("server.crt"), "--key-file", &f("server.key")])
+                .args([
+                    "--peer-trusted-ca-file",
+                    &ca_s,
+                    "--peer-cert-file",
+                    &f("peer.crt"),
+                    "--peer-key-file",
+                    &f("peer.key"),
+                ])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            guards.push(ChildGuard(child, m.name.clone()));
+        }
+        // A client certificate as the apiserver holds it.
+        let m = nodes[0];
+        let node = NodeIdentity { name: m.name.clone(), role: m.role, ip: Some(m.ip()) };
+        let spec = leaf_spec(CertPurpose::ApiserverEtcdClient, cluster, &node).unwrap();
+        let (cert, key) = ca.issue_with_new_key(&spec, cluster.pki.key_algorithm, year).unwrap();
+        std::fs::write(dir.join("client.crt"), cert).unwrap();
+        std::fs::write(dir.join("client.key"), key).unwrap();
+        let c = EtcdCluster {
+            guards,
+            endpoints: ports.iter().map(|(c, _)| format!("https://127.0.0.1:{c}")).collect(),
+            ca: ca_file,
+            client_cert: dir.join("client.crt"),
+            client_key: dir.join("client.key"),
+            dir: dir.to_path_buf(),
+            names: nodes.iter().map(|n| n.name.clone()).collect(),
+        };
+        wait_for(&format!("{members} healthy etcd members"), Duration::from_secs(60), || {
+            let out = c.ctl(true, &["endpoint", "health"]);
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            (text.matches("is healthy").count() == members).then_some(())
+        });
+        c
+    }
+
+    /// etcdctl against every member, with or without the client certificate.
+    pub fn ctl(&self, with_cert: bool, args: &[&str]) -> std::process::Output {
+        let mut c = Command::new(require_tool("etcdctl", "etcd-client"));
+        c.env("ETCDCTL_API", "3").args([
+            "--endpoints",
+            &self.endpoints.join(","),
+            "--cacert",
+            self.ca.to_str().unwrap(),
+            "--command-timeout=5s",
+        ]);
+        if with_cert {
+            c.args(["--cert", self.client_cert.to_str().unwrap(), "--key", self.client_key.to_str().unwrap()]);
+        }
+        c.args(args).output().unwrap()
+    }
+
+    pub fn logs(&self) -> String {
+        self.names
+            .iter()
+            .map(|n| {
+                format!("--- {n}\n{}", std::fs::read_to_string(self.dir.join(n).join("etcd.log")).unwrap_or_default())
+            })
+            .collect()
+    }
 }

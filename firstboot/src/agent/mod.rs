@@ -43,8 +43,8 @@ pub struct Options {
     /// Run the join phase (off only for tests without a cluster).
     pub join: bool,
     pub backoff: Backoff,
-    /// Test hook: abort the process right after this phase is recorded (like a power cut).
-    pub crash_after: Option<Phase>,
+    /// Test hook: abort the process (like a power cut) at this point.
+    pub crash: Option<Crash>,
 }
 
 impl Options {
@@ -56,7 +56,7 @@ impl Options {
             rpctool: "/usr/bin/vmware-rpctool".into(),
             join: true,
             backoff: Backoff::default(),
-            crash_after: None,
+            crash: None,
         }
     }
 }
@@ -67,6 +67,35 @@ pub enum AgentError {
     Phase { phase: Phase, message: String },
     #[error(transparent)]
     Record(#[from] record::RecordError),
+}
+
+/// Where the crash test hook strikes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crash {
+    /// After the phase's work, before the record says it is done.
+    Unrecorded(Phase),
+    /// Right after the record says the phase is done.
+    Recorded(Phase),
+}
+
+impl Crash {
+    /// `FIRSTBOOT_CRASH=after:PHASE` or `FIRSTBOOT_CRASH=unrecorded:PHASE`.
+    pub fn parse(s: &str) -> Option<Crash> {
+        let (when, phase) = s.split_once(':')?;
+        let phase: Phase = serde_json::from_value(serde_json::Value::String(phase.to_string())).ok()?;
+        match when {
+            "after" => Some(Crash::Recorded(phase)),
+            "unrecorded" => Some(Crash::Unrecorded(phase)),
+            _ => None,
+        }
+    }
+}
+
+fn crash_if(hook: Option<Crash>, at: Crash) {
+    if hook == Some(at) {
+        tracing::warn!("test hook: aborting at {at:?}");
+        std::process::abort();
+    }
 }
 
 /// How a run ended.
@@ -221,6 +250,7 @@ impl<H: Host, S: Systemd> Agent<H, S> {
             let result = self.phase(phase).await;
             match result {
                 Ok(message) => {
+                    crash_if(self.opts.crash, Crash::Unrecorded(phase));
                     tracing::info!("phase {phase}: {message}");
                     self.report(phase, PhaseStatus::Succeeded, &message, started);
                     if phase == Phase::Done {
@@ -234,10 +264,7 @@ impl<H: Host, S: Systemd> Agent<H, S> {
                     }
                     self.record.phase = phase.next().expect("only done has no next phase");
                     self.file.save(&self.record)?;
-                    if self.opts.crash_after == Some(phase) {
-                        tracing::warn!("test hook: aborting after phase {phase}");
-                        std::process::abort();
-                    }
+                    crash_if(self.opts.crash, Crash::Recorded(phase));
                     self.flush_reports().await;
                     self.file.save(&self.record)?;
                 }

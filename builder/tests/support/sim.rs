@@ -1,0 +1,86 @@
+//! Simulated machines speaking the enrollment protocol directly (tests and the benchmark): each
+//! call opens a new TLS connection, as a fleet of real machines would.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use firstboot::BootstrapToken;
+use firstboot::agent::client::{Backoff, CallError, Client};
+use firstboot::pin::CaPin;
+use firstboot::proto::*;
+
+pub struct Sim {
+    pub servers: Vec<String>,
+    pub pin: CaPin,
+    pub token: BootstrapToken,
+    pub deadline: Duration,
+}
+
+fn csr(key: &rcgen::KeyPair) -> String {
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.serialize_request(key).unwrap().pem().unwrap()
+}
+
+pub fn mac(i: usize) -> String {
+    let b = (i as u32).to_be_bytes();
+    format!("52:54:01:{:02x}:{:02x}:{:02x}", b[1], b[2], b[3])
+}
+
+/// A machine that enrolled.
+pub struct Enrolled {
+    pub node: String,
+    pub client: Client,
+}
+
+impl Sim {
+    fn client(&self, identity: Option<(&str, &str)>) -> Client {
+        let mut c = Client::new(&self.servers, self.pin, identity, Instant::now() + self.deadline).unwrap();
+        c.backoff = Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(500) };
+        c
+    }
+
+    /// Enrolls a machine with this identity.
+    pub async fn enroll(&self, identity: MachineIdentity) -> Result<Enrolled, CallError> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let req = EnrollRequest {
+            protocol: PROTOCOL_VERSION,
+            token: self.token.clone(),
+            identity,
+            image: None,
+            csr: csr(&key),
+        };
+        let resp: EnrollResponse = self.client(None).post(PATH_ENROLL, &req).await?;
+        let cert = resp.client_cert.expect("enrolled");
+        let node = resp.node.expect("enrolled").name;
+        Ok(Enrolled { node, client: self.client(Some((&cert, &key.serialize_pem()))) })
+    }
+}
+
+impl Enrolled {
+    pub async fn config(&self) -> Result<NodeConfig, CallError> {
+        self.client.get(PATH_CONFIG).await
+    }
+
+    /// Signs a CSR for a new key for each requested purpose.
+    pub async fn sign(&self, purposes: &[CertPurpose]) -> Result<SignResponse, CallError> {
+        let csrs = purposes
+            .iter()
+            .map(|p| CsrRequest { purpose: *p, csr: csr(&rcgen::KeyPair::generate().unwrap()) })
+            .collect();
+        self.client.post(PATH_SIGN, &SignRequest { csrs }).await
+    }
+
+    pub async fn report(&self, phase: Phase, message: &str) -> Result<(), CallError> {
+        let now = time::OffsetDateTime::now_utc();
+        let r = Report {
+            phase,
+            status: PhaseStatus::Succeeded,
+            message: message.to_string(),
+            started_at: now,
+            at: now,
+            boot_id: None,
+        };
+        self.client.post::<_, serde_json::Value>(PATH_REPORT, &r).await.map(|_| ())
+    }
+}
