@@ -103,7 +103,7 @@ async fn two_replicas_never_assign_one_node_twice() {
         let claims: Vec<_> = (0..2).map(|k| results[&format!("{}/{k}", n.name)].clone()).collect();
         let winners = claims.iter().filter(|c| c.as_deref() == Ok(n.name.as_str())).count();
         assert_eq!(winners, 1, "{}: {claims:?}", n.name);
-        assert!(claims.iter().any(|c| *c == Err(Some(ErrorCode::IdentityConflict))), "{}: {claims:?}", n.name);
+        assert!(claims.contains(&Err(Some(ErrorCode::IdentityConflict))), "{}: {claims:?}", n.name);
     }
 
     // The source of truth, read straight from etcd.

@@ -28,8 +28,9 @@ async fn kill_9_loses_no_acknowledged_enrollment_or_report() {
         token: st.tokens().unwrap().enrollment_token(Role::Worker, now).unwrap().token.clone(),
         deadline: Duration::from_secs(2),
     });
-    // machine MAC -> (node, last acknowledged report)
-    let acked: Arc<Mutex<HashMap<String, (String, Option<String>)>>> = Arc::default();
+    /// machine MAC -> (node, last acknowledged report)
+    type Acked = HashMap<String, (String, Option<String>)>;
+    let acked: Arc<Mutex<Acked>> = Arc::default();
     let sem = Arc::new(tokio::sync::Semaphore::new(24));
     let mut tasks = Vec::new();
     for i in 0..600 {
