@@ -281,3 +281,20 @@ fn enrolled_client(root: &Path, url: &str, st: &imgbuild::state::State) -> Clien
     c.backoff = Backoff { initial: Duration::from_millis(10), max: Duration::from_millis(10) };
     c
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_speaks_http2_and_http1() {
+    let dir = tempfile::tempdir().unwrap();
+    let (st, _) = state_with(dir.path(), |t| t);
+    let server = start(&st).await;
+    let ca = std::fs::read_to_string(st.pki_dir().join("ca.crt")).unwrap();
+    for (alpn, want) in [(&b"h2"[..], reqwest::Version::HTTP_2), (&b"http/1.1"[..], reqwest::Version::HTTP_11)] {
+        let mut tls = firstboot::tls::client_config(&ca, None).unwrap();
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        let http = reqwest::Client::builder().tls_backend_preconfigured(tls).build().unwrap();
+        let r = http.get(format!("https://127.0.0.1:{}{PATH_HEALTH}", server.addr.port())).send().await.unwrap();
+        assert_eq!(r.version(), want);
+        assert_eq!(r.text().await.unwrap(), "ok");
+    }
+    server.shutdown().await;
+}

@@ -261,3 +261,13 @@ proptest::proptest! {
         }
     }
 }
+
+proptest::proptest! {
+    #[test]
+    fn nth_subnet_agrees_with_ipnet(base in 0u32.., prefix in 8u8..24, extra in 0u8..8, index in 0usize..300) {
+        let net = ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(base), prefix).unwrap().trunc();
+        let mask = prefix + extra;
+        let want = net.subnets(mask).unwrap().nth(index);
+        proptest::prop_assert_eq!(nth_subnet(net, mask, index), want);
+    }
+}

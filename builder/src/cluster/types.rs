@@ -79,7 +79,7 @@ impl Networks {
 
     /// The `index`-th per-node pod range, if the pod CIDR has that many.
     pub fn node_pod_cidr(&self, index: usize) -> Option<Ipv4Net> {
-        self.pod_cidr.subnets(self.node_cidr_mask).ok()?.nth(index)
+        nth_subnet(self.pod_cidr, self.node_cidr_mask, index)
     }
 }
 
@@ -393,6 +393,16 @@ impl Cluster {
             },
         }
     }
+}
+
+/// The `index`-th subnet with prefix `mask` of `net`, if it has that many (in constant time).
+pub fn nth_subnet(net: Ipv4Net, mask: u8, index: usize) -> Option<Ipv4Net> {
+    if mask < net.prefix_len() || mask > 32 || (index as u64) >= 1u64 << (mask - net.prefix_len()) {
+        return None;
+    }
+    let size = 1u64 << (32 - mask);
+    let base = u64::from(u32::from(net.network())) + size * index as u64;
+    Ipv4Net::new(Ipv4Addr::from(base as u32), mask).ok()
 }
 
 /// `90s`, `30m`, `24h`, `7d`: a count and a unit.

@@ -376,7 +376,7 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
         }
         if let (Some(name), Some(role), Some(address)) = (name, role, address) {
             let pod_cidr = match (pod, node_mask) {
-                (Some(p), Some(m)) => p.subnets(m).ok().and_then(|mut s| s.nth(i)),
+                (Some(p), Some(m)) => nth_subnet(p, m, i),
                 _ => None,
             };
             nodes.push(Node {

@@ -4,8 +4,9 @@
 //! server replicas sharing one etcd can never bind one node to two machines.
 //!
 //! Records: `machines/<identity key>` (a machine, pending or bound to a node),
-//! `nodes/<name>` (binding, certificates issued, reports), `token-uses/<id>` (machines that
-//! spent an enrollment token), `lease/bootstrap`, `auto/next`.
+//! `nodes/<name>` (binding, certificates issued, reports), `token-uses/<id>` and `token-uses/<id>/<identity key>`
+//! (how many and which machines spent a limited enrollment token), `pod-slots/<index>` (which machine outside the inventory holds
+//! which per-node pod range), `lease/bootstrap`.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -116,11 +117,6 @@ impl NodeRecord {
     pub fn identity(&self) -> NodeIdentity {
         NodeIdentity { name: self.name.clone(), role: self.role, ip: self.ip }
     }
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct TokenUses {
-    machines: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -316,6 +312,7 @@ impl Fleet {
         let mkey = identity.key();
         let machine_key = format!("machines/{mkey}");
         let uses_key = format!("token-uses/{}", token.id());
+        let mut name_len = 8;
         loop {
             let t = now();
             let (machine, mver) = self.get::<MachineRecord>(&machine_key).await?;
@@ -382,9 +379,8 @@ impl Fleet {
                 }
                 (None, Some(m)) if m.state == MachineState::Approved => {
                     let name = m.node.clone().expect("approved machines have a name");
-                    let (n, cver) = self.auto_index().await?;
-                    txn.check("auto/next", cver).put("auto/next", json(&(n + 1)));
-                    (name, m.role, None, self.cluster.nodes.len() + n, false)
+                    let slot = self.claim_pod_slot(&mkey, &mut txn).await?;
+                    (name, m.role, None, slot, false)
                 }
                 (None, _) => match self.cluster.enrollment.policy {
                     EnrollPolicy::KnownOnly => {
@@ -429,9 +425,8 @@ impl Fleet {
                                 format!("unknown machines may only become workers; the token is for role {role}"),
                             ));
                         }
-                        let (n, cver) = self.auto_index().await?;
-                        txn.check("auto/next", cver).put("auto/next", json(&(n + 1)));
-                        (self.auto_name(n), Role::Worker, None, self.cluster.nodes.len() + n, true)
+                        let slot = self.claim_pod_slot(&mkey, &mut txn).await?;
+                        (self.auto_name(&mkey, Role::Worker, name_len), Role::Worker, None, slot, true)
                     }
                 },
             };
@@ -446,7 +441,8 @@ impl Fleet {
             let node_key = format!("nodes/{name}");
             let (existing, nver) = self.get::<NodeRecord>(&node_key).await?;
             if existing.as_ref().is_some_and(|n| n.machine != mkey) && generated {
-                // The counter we read was stale (another server took this name): read again.
+                // Another machine's identity hashes to the same short name: use a longer one.
+                name_len += 4;
                 continue;
             }
             if let Some(other) = existing.filter(|n| n.machine != mkey) {
@@ -466,18 +462,23 @@ impl Fleet {
             }
             txn.check(&node_key, nver);
 
-            // Token use limits count machines, not requests.
-            let (uses, uver) = self.get::<TokenUses>(&uses_key).await?;
-            let mut uses = uses.unwrap_or_default();
-            if !uses.machines.contains(&mkey) {
-                if token.max_uses.is_some_and(|max| uses.machines.len() as u32 >= max) {
-                    return Err(ApiError::new(
-                        ErrorCode::TokenExhausted,
-                        format!("token {} has been used by {} machines, its limit", req.token, uses.machines.len()),
-                    ));
+            // Use limits count machines, not requests: a marker per machine and a count. Tokens
+            // without a limit keep neither (a count every enrollment updates would serialize them).
+            if let Some(max) = token.max_uses {
+                let marker = format!("{uses_key}/{mkey}");
+                let (seen, mver) = self.get::<bool>(&marker).await?;
+                if seen.is_none() {
+                    let (used, uver) = self.get::<u32>(&uses_key).await?;
+                    let used = used.unwrap_or(0);
+                    if used >= max {
+                        return Err(ApiError::new(
+                            ErrorCode::TokenExhausted,
+                            format!("token {} has been used by {used} machines, its limit", req.token),
+                        ));
+                    }
+                    txn.check(&uses_key, uver).put(&uses_key, json(&(used + 1)));
+                    txn.check(&marker, mver).put(&marker, json(&true));
                 }
-                uses.machines.push(mkey.clone());
-                txn.check(&uses_key, uver).put(&uses_key, json(&uses));
             }
 
             let spec = pki::enroll_client_spec(&name, node_role);
@@ -531,13 +532,30 @@ impl Fleet {
         }
     }
 
-    async fn auto_index(&self) -> Result<(usize, u64), ApiError> {
-        let (n, v) = self.get::<usize>("auto/next").await?;
-        Ok((n.unwrap_or(0), v))
+    /// A per-node pod range for a machine outside the inventory, claimed in `txn`. Ranges after
+    /// the inventory's are probed from a position derived from the machine's identity, so that
+    /// concurrent enrollments rarely touch the same key (a global counter would make every
+    /// enrollment conflict with every other).
+    async fn claim_pod_slot(&self, mkey: &str, txn: &mut Txn) -> Result<usize, ApiError> {
+        let first = self.cluster.nodes.len();
+        let free = (self.cluster.networks.node_ranges() as usize).saturating_sub(first);
+        let h = digest::digest(&digest::SHA256, mkey.as_bytes());
+        let start = u64::from_be_bytes(h.as_ref()[..8].try_into().expect("8 bytes")) as usize % free.max(1);
+        for k in 0..free {
+            let slot = first + (start + k) % free;
+            let key = format!("pod-slots/{slot}");
+            let (owner, ver) = self.get::<String>(&key).await?;
+            if owner.is_none() || owner.as_deref() == Some(mkey) {
+                txn.check(&key, ver).put(&key, json(&mkey));
+                return Ok(slot);
+            }
+        }
+        Err(ApiError::new(ErrorCode::Internal, "the pod CIDR has no per-node range left"))
     }
 
-    fn auto_name(&self, n: usize) -> String {
-        format!("auto-worker-{}", n + 1)
+    /// A stable name for a machine outside the inventory, derived from its identity.
+    fn auto_name(&self, mkey: &str, role: Role, len: usize) -> String {
+        format!("{role}-{}", &sha256_hex(mkey.as_bytes())[..len.min(64)])
     }
 
     /// The node a client certificate speaks for: CN names it, and the certified key must be the
@@ -732,7 +750,7 @@ impl Fleet {
                 ));
             }
             // Without a name: a stable one derived from the machine's identity.
-            let name = name.clone().unwrap_or_else(|| format!("{}-{}", rec.role, &sha256_hex(rec.key.as_bytes())[..8]));
+            let name = name.clone().unwrap_or_else(|| self.auto_name(&rec.key, rec.role, 8));
             if !crate::cluster::is_dns_label(&name) {
                 return Err(ApiError::new(
                     ErrorCode::BadRequest,

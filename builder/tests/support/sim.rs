@@ -27,6 +27,25 @@ pub fn mac(i: usize) -> String {
     format!("52:54:01:{:02x}:{:02x}:{:02x}", b[1], b[2], b[3])
 }
 
+/// A machine's enrollment key and CSR, made before it talks to the server.
+pub struct Prepared {
+    pub key_pem: String,
+    pub csr: String,
+}
+
+impl Prepared {
+    pub fn new() -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        Prepared { csr: csr(&key), key_pem: key.serialize_pem() }
+    }
+}
+
+impl Default for Prepared {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A machine that enrolled.
 pub struct Enrolled {
     pub node: String,
@@ -42,18 +61,16 @@ impl Sim {
 
     /// Enrolls a machine with this identity.
     pub async fn enroll(&self, identity: MachineIdentity) -> Result<Enrolled, CallError> {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let req = EnrollRequest {
-            protocol: PROTOCOL_VERSION,
-            token: self.token.clone(),
-            identity,
-            image: None,
-            csr: csr(&key),
-        };
+        self.enroll_prepared(identity, Prepared::new()).await
+    }
+
+    pub async fn enroll_prepared(&self, identity: MachineIdentity, p: Prepared) -> Result<Enrolled, CallError> {
+        let req =
+            EnrollRequest { protocol: PROTOCOL_VERSION, token: self.token.clone(), identity, image: None, csr: p.csr };
         let resp: EnrollResponse = self.client(None).post(PATH_ENROLL, &req).await?;
         let cert = resp.client_cert.expect("enrolled");
         let node = resp.node.expect("enrolled").name;
-        Ok(Enrolled { node, client: self.client(Some((&cert, &key.serialize_pem()))) })
+        Ok(Enrolled { node, client: self.client(Some((&cert, &p.key_pem))) })
     }
 }
 
