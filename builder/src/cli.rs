@@ -19,6 +19,8 @@ definition, token), 4 missing state or host tool, 5 fetch or checksum failure.")
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
+    #[command(flatten)]
+    pub bake: BakeArgs,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -33,8 +35,45 @@ pub struct Global {
     pub verbose: u8,
 }
 
+/// The main job: `imgbuild --role ROLE`.
+#[derive(Debug, Args)]
+pub struct BakeArgs {
+    /// Bake the image of this role (repeatable): master, worker, etcd
+    #[arg(long, value_name = "ROLE")]
+    pub role: Vec<Role>,
+    #[command(flatten)]
+    pub image: ImageArgs,
+    /// Output directory (images go to OUT/<role>/)
+    #[arg(long, default_value = "out", value_name = "DIR")]
+    pub out: PathBuf,
+    /// The firstboot binary to install (default: the one next to this imgbuild)
+    #[arg(long, value_name = "FILE")]
+    pub firstboot: Option<PathBuf>,
+    /// Rebuild the base tree even if the cache has it
+    #[arg(long)]
+    pub fresh_tree: bool,
+}
+
+/// Which image definition, and where its inputs are cached.
+#[derive(Debug, Args)]
+pub struct ImageArgs {
+    /// Image definition (its lock is the .lock file beside it)
+    #[arg(long, default_value = "images/ubuntu-24.04.toml", value_name = "FILE")]
+    pub image: PathBuf,
+    /// Use only the cache: no network at all (air-gapped sites)
+    #[arg(long)]
+    pub offline: bool,
+    /// Cache of every input, by sha256 [default: /var/cache/imgbuild as root]
+    #[arg(long, env = "IMGBUILD_CACHE", value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Resolve an image definition into its lock: every package and component, by sha256
+    Lock(LockArgs),
+    /// Fill the cache with every input of an image, for offline builds
+    Fetch(FetchArgs),
     /// Create or complete the cluster state: resolved spec, PKI, tokens
     Init(InitArgs),
     /// Check a cluster manifest and report every problem
@@ -93,6 +132,21 @@ pub struct ApproveArgs {
     /// Node name to give it (default: derived from its identity)
     #[arg(long)]
     pub name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    #[command(flatten)]
+    pub image: ImageArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    #[command(flatten)]
+    pub image: ImageArgs,
+    /// Only this role's inputs (repeatable; default: every role)
+    #[arg(long, value_name = "ROLE")]
+    pub role: Vec<Role>,
 }
 
 #[derive(Debug, Args)]

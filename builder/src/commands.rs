@@ -329,3 +329,65 @@ fn print_nodes(list: &[crate::serve::fleet::NodeStatus]) -> Result<()> {
     }
     Ok(())
 }
+
+fn cache_dir(args: &crate::cli::ImageArgs) -> std::path::PathBuf {
+    args.cache.clone().unwrap_or_else(crate::image::cache::default_dir)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+/// The main job: `imgbuild --role ROLE ...`.
+pub fn bake(global: &Global, args: &crate::cli::BakeArgs) -> Result<()> {
+    use crate::image::{BakeOptions, bake};
+    let st = State::new(&global.state);
+    // The cluster in the state dir, or the embedded reference cluster when there is none.
+    let cluster = if st.exists() { st.cluster()? } else { Cluster::load(None)? };
+    let firstboot = match &args.firstboot {
+        Some(f) => f.clone(),
+        None => std::env::current_exe()?.with_file_name("firstboot"),
+    };
+    let opts = BakeOptions {
+        image: args.image.image.clone(),
+        roles: args.role.clone(),
+        out: args.out.clone(),
+        offline: args.image.offline,
+        cache: cache_dir(&args.image),
+        firstboot,
+        fresh_tree: args.fresh_tree,
+    };
+    let pinned = cluster.versions.kubernetes.map(|v| (cluster.name.clone(), v.to_string()));
+    let baked =
+        runtime()?.block_on(bake(&opts, pinned)).with_context(|| format!("cannot bake {}", opts.image.display()))?;
+    for b in &baked {
+        let steps: Vec<String> = b.steps.iter().map(|(n, s)| format!("{n} {s:.1}s")).collect();
+        eprintln!("{}: {} in {:.1}s ({})", b.role, b.dir.display(), b.seconds, steps.join(", "));
+        println!("{}", b.dir.display());
+    }
+    Ok(())
+}
+
+pub fn lock(args: &crate::cli::LockArgs) -> Result<()> {
+    use crate::image::{cache::Cache, definition::Definition, lock};
+    let (def, text) = Definition::load(&args.image.image)?;
+    let cache = Cache::open(&cache_dir(&args.image), args.image.offline)?;
+    let l = runtime()?
+        .block_on(lock::resolve(&def, &text, &cache))
+        .with_context(|| format!("cannot lock {}", args.image.image.display()))?;
+    let path = lock::lock_path(&args.image.image);
+    l.save(&path, &args.image.image)?;
+    eprintln!("{}: {} packages, {} components", path.display(), l.packages.len(), l.components.len());
+    Ok(())
+}
+
+pub fn fetch(args: &crate::cli::FetchArgs) -> Result<()> {
+    use crate::image::{fetch, lock, prepare};
+    let rt = runtime()?;
+    let (def, l, cache, _) = rt.block_on(prepare(&args.image.image, &cache_dir(&args.image), args.image.offline))?;
+    let roles = if args.role.is_empty() { lock::roles(&def) } else { args.role.clone() };
+    rt.block_on(fetch(&def, &l, &cache, &roles))
+        .with_context(|| format!("cannot fetch the inputs of {}", args.image.image.display()))?;
+    eprintln!("cache {} holds every input of {} ({} roles)", cache.root.display(), def.name, roles.len());
+    Ok(())
+}

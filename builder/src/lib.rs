@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod cluster;
 pub mod commands;
+pub mod image;
 pub mod kube;
 pub mod pki;
 pub mod serve;

@@ -6,6 +6,10 @@ use imgbuild::commands;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.command.is_some() && !cli.bake.role.is_empty() {
+        eprintln!("imgbuild: error: --role bakes an image; it does not go with a subcommand");
+        return ExitCode::from(2);
+    }
     let level = match cli.global.verbose {
         0 => "info",
         1 => "debug",
@@ -21,7 +25,10 @@ fn main() -> ExitCode {
         Some(Command::Validate(a)) => commands::validate(a),
         Some(Command::Token(c)) => commands::token(&cli.global, c),
         Some(Command::Serve(a)) => commands::serve(&cli.global, a),
+        Some(Command::Lock(a)) => commands::lock(a),
+        Some(Command::Fetch(a)) => commands::fetch(a),
         Some(Command::Nodes(a)) => commands::nodes(&cli.global, a),
+        None if !cli.bake.role.is_empty() => commands::bake(&cli.global, &cli.bake),
         None => Err(anyhow::anyhow!("nothing to do: give --role ROLE to bake an image, or a subcommand (see --help)")),
     };
     match result {

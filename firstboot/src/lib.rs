@@ -20,3 +20,18 @@ pub mod agent;
 
 pub use role::Role;
 pub use token::BootstrapToken;
+
+/// An error with its sources on one line (reqwest's and rustls' reasons sit a few levels down).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}

@@ -184,20 +184,7 @@ fn is_certificate_error(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// reqwest's error with its sources (the TLS reason sits a few levels down).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
-}
+pub use crate::error_chain;
 
 #[cfg(test)]
 mod tests {

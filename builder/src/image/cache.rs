@@ -1,0 +1,270 @@
+//! The content-addressed cache: every input of an image (packages, components, keyrings) as
+//! `blobs/sha256/<hex>`, written only after its digest matched. Downloads resume from
+//! `partial/`; a mismatch keeps nothing of the bad download. `--offline` builds read only this.
+//!
+//! Default location: `/var/cache/imgbuild` (root) or `$XDG_CACHE_HOME/imgbuild`;
+//! `IMGBUILD_CACHE` or `--cache` override it.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use ring::digest;
+
+/// An expected digest, as the definition or lock gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Digest {
+    Sha256(String),
+    Sha512(String),
+}
+
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Digest::Sha256(h) => write!(f, "sha256:{h}"),
+            Digest::Sha512(h) => write!(f, "sha512:{h}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("{what}: checksum mismatch: expected {expected}, got {actual} (the download was discarded)")]
+    Mismatch { what: String, expected: String, actual: String },
+    #[error(
+        "{what} is not in the cache ({digest}) and --offline forbids fetching it; run `imgbuild fetch` where the sources are reachable, then copy {cache}"
+    )]
+    Missing { what: String, digest: String, cache: String },
+    #[error("{what}: cannot download {url}: {reason}")]
+    Download { what: String, url: String, reason: String },
+    #[error("{what}: {path}: {source}")]
+    Io {
+        what: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Both digests of a file.
+pub fn digest_file(path: &Path) -> std::io::Result<(String, String)> {
+    let mut f = std::fs::File::open(path)?;
+    let (mut s256, mut s512) = (digest::Context::new(&digest::SHA256), digest::Context::new(&digest::SHA512));
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        s256.update(&buf[..n]);
+        s512.update(&buf[..n]);
+    }
+    Ok((hex(s256.finish().as_ref()), hex(s512.finish().as_ref())))
+}
+
+#[derive(Clone)]
+pub struct Cache {
+    pub root: PathBuf,
+    pub offline: bool,
+    http: reqwest::Client,
+    progress: Arc<MultiProgress>,
+}
+
+pub fn default_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("IMGBUILD_CACHE") {
+        return d.into();
+    }
+    if nix_is_root() {
+        return "/var/cache/imgbuild".into();
+    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| "/tmp".into())
+        .join("imgbuild")
+}
+
+fn nix_is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+impl Cache {
+    pub fn open(root: &Path, offline: bool) -> Result<Self, CacheError> {
+        let io = |path: &Path, source| CacheError::Io { what: "cache".into(), path: path.to_path_buf(), source };
+        for d in ["blobs/sha256", "partial"] {
+            std::fs::create_dir_all(root.join(d)).map_err(|e| io(&root.join(d), e))?;
+        }
+        // HTTPS sources are trusted through the system's CA bundle.
+        let bundle = std::fs::read_to_string("/etc/ssl/certs/ca-certificates.crt").unwrap_or_default();
+        let mut b =
+            reqwest::Client::builder().connect_timeout(Duration::from_secs(20)).read_timeout(Duration::from_secs(60));
+        if !bundle.is_empty() {
+            if let Ok(tls) = firstboot::tls::client_config(&bundle, None) {
+                b = b.tls_backend_preconfigured(tls);
+            }
+        }
+        let http = b.build().map_err(|e| CacheError::Download {
+            what: "cache".into(),
+            url: String::new(),
+            reason: e.to_string(),
+        })?;
+        Ok(Cache { root: root.to_path_buf(), offline, http, progress: Arc::new(MultiProgress::new()) })
+    }
+
+    pub fn blob(&self, sha256: &str) -> PathBuf {
+        self.root.join("blobs/sha256").join(sha256)
+    }
+
+    pub fn has(&self, sha256: &str) -> bool {
+        self.blob(sha256).is_file()
+    }
+
+    fn missing(&self, what: &str, d: &Digest) -> CacheError {
+        CacheError::Missing { what: what.into(), digest: d.to_string(), cache: self.root.display().to_string() }
+    }
+
+    /// Verifies `tmp` against `expect` and moves it into the cache; returns the sha256.
+    fn admit(&self, what: &str, tmp: &Path, expect: &Digest) -> Result<String, CacheError> {
+        let io = |source| CacheError::Io { what: what.into(), path: tmp.to_path_buf(), source };
+        let (s256, s512) = digest_file(tmp).map_err(io)?;
+        let (want, got) = match expect {
+            Digest::Sha256(h) => (h, &s256),
+            Digest::Sha512(h) => (h, &s512),
+        };
+        if want != got {
+            let _ = std::fs::remove_file(tmp);
+            return Err(CacheError::Mismatch { what: what.into(), expected: expect.to_string(), actual: got.clone() });
+        }
+        std::fs::rename(tmp, self.blob(&s256)).map_err(io)?;
+        Ok(s256)
+    }
+
+    /// The cached blob for `expect`, if present (by sha256 only; sha512 pins need the lock).
+    pub fn lookup(&self, expect: &Digest) -> Option<PathBuf> {
+        match expect {
+            Digest::Sha256(h) if self.has(h) => Some(self.blob(h)),
+            _ => None,
+        }
+    }
+
+    /// Copies a local file into the cache after checking its digest.
+    pub fn import(&self, what: &str, src: &Path, expect: &Digest) -> Result<String, CacheError> {
+        if let Digest::Sha256(h) = expect {
+            if self.has(h) {
+                return Ok(h.clone());
+            }
+        }
+        let tmp = self.root.join("partial").join(format!("import-{}-{}", std::process::id(), what.replace('/', "_")));
+        std::fs::copy(src, &tmp).map_err(|source| CacheError::Io {
+            what: what.into(),
+            path: src.to_path_buf(),
+            source,
+        })?;
+        self.admit(what, &tmp, expect)
+    }
+
+    /// Downloads `url` into the cache unless it is there; resumes a partial download.
+    pub async fn fetch(&self, what: &str, url: &str, expect: &Digest, size: Option<u64>) -> Result<String, CacheError> {
+        if let Some(p) = self.lookup(expect) {
+            return Ok(p.file_name().expect("blob name").to_string_lossy().into_owned());
+        }
+        if self.offline {
+            return Err(self.missing(what, expect));
+        }
+        let key = match expect {
+            Digest::Sha256(h) | Digest::Sha512(h) => h[..32].to_string(),
+        };
+        let part = self.root.join("partial").join(format!("{key}.part"));
+        let dl = |reason: String| CacheError::Download { what: what.into(), url: url.into(), reason };
+        let io = |source| CacheError::Io { what: what.into(), path: part.clone(), source };
+        let mut attempt = 0;
+        loop {
+            let have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+            let mut req = self.http.get(url);
+            if have > 0 {
+                req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
+            }
+            let result: Result<(), String> = async {
+                let mut resp = req.send().await.map_err(|e| firstboot::error_chain(&e))?;
+                let status = resp.status();
+                let append = status == reqwest::StatusCode::PARTIAL_CONTENT;
+                if !status.is_success() {
+                    return Err(format!("HTTP {status}"));
+                }
+                let total = size.or_else(|| resp.content_length().map(|l| if append { l + have } else { l }));
+                let bar = self.progress.add(ProgressBar::new(total.unwrap_or(0)));
+                bar.set_style(
+                    ProgressStyle::with_template("{msg:30!} {bar:30} {bytes:>10}/{total_bytes:10} {bytes_per_sec:>12}")
+                        .expect("valid template"),
+                );
+                bar.set_message(what.to_string());
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .append(append)
+                    .truncate(!append)
+                    .open(&part)
+                    .map_err(|e| e.to_string())?;
+                if append {
+                    bar.set_position(have);
+                }
+                while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+                    f.write_all(&chunk).map_err(|e| e.to_string())?;
+                    bar.inc(chunk.len() as u64);
+                }
+                f.sync_all().map_err(|e| e.to_string())?;
+                bar.finish_and_clear();
+                Ok(())
+            }
+            .await;
+            match result {
+                Ok(()) => return self.admit(what, &part, expect),
+                Err(e) if attempt < 3 => {
+                    tracing::warn!("{what}: {e}; retrying (resuming)");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
+                }
+                Err(e) => {
+                    let _ = io;
+                    return Err(dl(e));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn import_verifies_and_keeps_nothing_bad() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Cache::open(&d.path().join("cache"), false).unwrap();
+        let f = d.path().join("x");
+        std::fs::write(&f, b"hello").unwrap();
+        let good = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+        assert_eq!(c.import("x", &f, &Digest::Sha256(good.into())).unwrap(), good);
+        assert!(c.has(good));
+        let e = c.import("y", &f, &Digest::Sha256("0".repeat(64))).unwrap_err().to_string();
+        assert!(e.contains("checksum mismatch") && e.contains(good), "{e}");
+        assert_eq!(std::fs::read_dir(d.path().join("cache/partial")).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn offline_names_the_missing_entry() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Cache::open(d.path(), true).unwrap();
+        let e = c
+            .fetch("kubelet", "https://example.invalid/kubelet", &Digest::Sha256("a".repeat(64)), None)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("kubelet is not in the cache") && e.to_string().contains("--offline"), "{e}");
+    }
+}

@@ -1,0 +1,216 @@
+//! Root trees. The base tree of a role is mmdebstrap's work: the exact locked packages, installed
+//! from a local repository of cached .debs (no network), then customised (trimmed, the image
+//! files from manifests/image/ added, the initramfs made once, units enabled, every machine
+//! identity removed). It is cached under the digest of all that goes into it, so rebuilding an
+//! image whose packages did not change skips it. The role tree is a copy of it plus the
+//! components, firstboot and image.json.
+
+use std::fmt::Write as _;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use firstboot::Role;
+use firstboot::proto::ImageInfo;
+
+use super::cache::Cache;
+use super::definition::Definition;
+use super::lock::{Lock, sha256_hex};
+use super::{BakeError, run};
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/image_files.rs"));
+}
+
+/// Units enabled in every image, and units that must not start before firstboot configured them.
+const ENABLE: &[&str] =
+    &["firstboot.service", "systemd-networkd.service", "systemd-resolved.service", "ssh-hostkeys.service"];
+const DISABLE: &[&str] = &["etcd.service", "haproxy.service", "keepalived.service", "docker.service"];
+
+/// The digest of everything that goes into a role's base tree.
+fn base_key(def: &Definition, lock: &Lock, role: Role, epoch: i64) -> String {
+    let mut s = format!("v1 {} {role} epoch={epoch}\n", def.name);
+    for p in lock.packages_for(role) {
+        let _ = writeln!(s, "pkg {} {} {}", p.name, p.version, p.sha256);
+    }
+    for t in &def.packages.trim {
+        let _ = writeln!(s, "trim {t}");
+    }
+    for (path, contents, mode) in embedded::IMAGE_FILES {
+        let _ = writeln!(s, "file {path} {mode:o} {}", sha256_hex(contents.as_bytes()));
+    }
+    let _ = writeln!(s, "enable {ENABLE:?} disable {DISABLE:?}");
+    sha256_hex(s.as_bytes())
+}
+
+/// The customize hook mmdebstrap runs inside the new root (`$1`).
+fn customize_script(def: &Definition) -> String {
+    let trim: Vec<String> = def.packages.trim.iter().map(|t| format!("rm -rf -- {t}")).collect();
+    format!(
+        r#"#!/bin/sh
+set -eu
+root="$1"
+cd "$root"
+{trim}
+kver=$(ls usr/lib/modules | head -n 1)
+chroot "$root" depmod -a "$kver"
+chroot "$root" update-initramfs -c -k "$kver" >/dev/null
+ln -sf "boot/vmlinuz-$kver" vmlinuz
+ln -sf "boot/initrd.img-$kver" initrd.img
+systemctl --root="$root" enable {enable} >/dev/null 2>&1
+for u in {disable}; do systemctl --root="$root" disable "$u" >/dev/null 2>&1 || true; done
+systemctl --root="$root" enable docker.socket >/dev/null 2>&1 || true
+# No identity and no secret in an image: machine-id, host keys and hostname come at first boot.
+: > etc/machine-id
+rm -f var/lib/dbus/machine-id etc/ssh/ssh_host_* etc/hostname
+ln -sf ../run/systemd/resolve/stub-resolv.conf etc/resolv.conf
+rm -rf var/log/* var/cache/apt/* var/lib/apt/lists/* var/cache/debconf/*-old var/lib/dpkg/*-old tmp/*
+"#,
+        trim = trim.join("\n"),
+        enable = ENABLE.join(" "),
+        disable = DISABLE.join(" "),
+    )
+}
+
+/// Writes manifests/image/ into `dir` with the files' modes.
+fn stage_image_files(dir: &Path) -> std::io::Result<()> {
+    for (path, contents, mode) in embedded::IMAGE_FILES {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().expect("relative path has a parent"))?;
+        std::fs::write(&p, contents)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode))?;
+    }
+    Ok(())
+}
+
+/// The role's base tree, from the cache or built now. Returns its path (read it, do not change it).
+pub fn base_tree(
+    def: &Definition,
+    lock: &Lock,
+    role: Role,
+    cache: &Cache,
+    epoch: i64,
+    work: &Path,
+) -> Result<PathBuf, BakeError> {
+    let key = base_key(def, lock, role, epoch);
+    let dir = cache.root.join("trees").join(&key);
+    if dir.join(".complete").exists() {
+        tracing::info!("{role}: base tree from the cache ({})", &key[..12]);
+        return Ok(dir.join("root"));
+    }
+    let io = |what: &str, e: std::io::Error| BakeError::Io(format!("{what}: {e}"));
+    // A flat repository of exactly the locked packages, hard-linked from the cache.
+    let repo = work.join("repo");
+    std::fs::create_dir_all(&repo).map_err(|e| io("repo", e))?;
+    let mut include = Vec::new();
+    for p in lock.packages_for(role) {
+        let blob = cache.blob(&p.sha256);
+        if !blob.is_file() {
+            return Err(BakeError::Io(format!("{} {} is not in the cache: run `imgbuild fetch`", p.name, p.version)));
+        }
+        let link = repo.join(p.file_name());
+        std::fs::hard_link(&blob, &link)
+            .or_else(|_| std::fs::copy(&blob, &link).map(|_| ()))
+            .map_err(|e| io("repo", e))?;
+        include.push(format!("{}={}", p.name, p.version));
+    }
+    let packages = run(Command::new("dpkg-scanpackages").args(["-m", "."]).current_dir(&repo), "dpkg-scanpackages")?;
+    std::fs::write(repo.join("Packages"), packages).map_err(|e| io("repo", e))?;
+    let files = work.join("image-files");
+    stage_image_files(&files).map_err(|e| io("image files", e))?;
+    let script = work.join("customize.sh");
+    std::fs::write(&script, customize_script(def)).map_err(|e| io("customize.sh", e))?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).map_err(|e| io("customize.sh", e))?;
+
+    let tmp = cache.root.join("trees").join(format!("{key}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| io("trees", e))?;
+    let root = tmp.join("root");
+    tracing::info!("{role}: mmdebstrap ({} packages, from the cache)", include.len());
+    let mut mm = Command::new("mmdebstrap");
+    mm.env("SOURCE_DATE_EPOCH", epoch.to_string())
+        // The kernel's postinst would make an initramfs without our boot method: it is made
+        // once, by the customize hook.
+        .env("INITRD", "No")
+        .args(["--mode=root", "--variant=custom", "--quiet", "--architectures=amd64"])
+        .arg(format!("--include={}", include.join(",")))
+        .args(["--dpkgopt=force-unsafe-io", "--aptopt=Acquire::Languages \"none\""])
+        .args(["--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/doc/*"])
+        .args(["--dpkgopt=path-include=/usr/share/doc/*/copyright", "--dpkgopt=path-exclude=/usr/share/locale/*"])
+        .args(["--dpkgopt=path-exclude=/usr/share/info/*"])
+        .arg(format!("--customize-hook=sync-in {} /", files.display()))
+        .arg(format!("--customize-hook={}", script.display()))
+        .arg(&def.base.suite)
+        .arg(&root)
+        .arg(format!("deb [trusted=yes] copy://{} ./", repo.display()));
+    run(&mut mm, "mmdebstrap")?;
+    std::fs::write(tmp.join(".complete"), format!("{key}\n")).map_err(|e| io("trees", e))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).map_err(|e| io("trees", e))?;
+    Ok(dir.join("root"))
+}
+
+/// A writable copy of the base tree with the role's components, firstboot and image.json.
+pub fn role_tree(
+    def: &Definition,
+    lock: &Lock,
+    role: Role,
+    base: &Path,
+    cache: &Cache,
+    firstboot: &Path,
+    work: &Path,
+) -> Result<PathBuf, BakeError> {
+    let root = work.join("root");
+    let _ = std::fs::remove_dir_all(&root);
+    run(Command::new("cp").args(["-a", "--reflink=auto"]).arg(base).arg(&root), "cp")?;
+    let io = |what: String, e: std::io::Error| BakeError::Io(format!("{what}: {e}"));
+    let mut versions = std::collections::BTreeMap::new();
+    for c in def.components.iter().filter(|c| c.for_role(role)) {
+        let locked = lock
+            .component(&c.name)
+            .ok_or_else(|| BakeError::Io(format!("component {} is not in the lock: run `imgbuild lock`", c.name)))?;
+        let blob = cache.blob(&locked.sha256);
+        let src_dir = if c.is_archive() {
+            let x = work.join("extract").join(&c.name);
+            std::fs::create_dir_all(&x).map_err(|e| io(c.name.clone(), e))?;
+            run(Command::new("tar").arg("-xf").arg(&blob).arg("-C").arg(&x), "tar")?;
+            Some(x)
+        } else {
+            None
+        };
+        for inst in c.install.iter().filter(|i| i.roles.contains(&role)) {
+            let target = firstboot::paths::under(&root, &inst.to);
+            match (&src_dir, &inst.from) {
+                (Some(x), Some(from)) if from.ends_with('/') => {
+                    let from_dir = x.join(from);
+                    std::fs::create_dir_all(&target).map_err(|e| io(inst.to.clone(), e))?;
+                    for e in std::fs::read_dir(&from_dir).map_err(|e| io(from.clone(), e))? {
+                        let e = e.map_err(|e| io(from.clone(), e))?;
+                        if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                            install_file(&e.path(), &target.join(e.file_name()))?;
+                        }
+                    }
+                }
+                (Some(x), Some(from)) => install_file(&x.join(from), &target)?,
+                _ => install_file(&blob, &target)?,
+            }
+        }
+        versions.insert(c.name.clone(), c.version.clone());
+    }
+    install_file(firstboot, &firstboot::paths::under(&root, firstboot::paths::BINARY))?;
+    let info =
+        ImageInfo { name: def.name.clone(), role, kubernetes_version: def.kubernetes.clone(), components: versions };
+    let info_path = firstboot::paths::under(&root, firstboot::paths::IMAGE_INFO);
+    std::fs::create_dir_all(info_path.parent().expect("has parent")).map_err(|e| io("image.json".into(), e))?;
+    std::fs::write(&info_path, serde_json::to_vec_pretty(&info).expect("serializes"))
+        .map_err(|e| io("image.json".into(), e))?;
+    Ok(root)
+}
+
+fn install_file(src: &Path, dst: &Path) -> Result<(), BakeError> {
+    let io = |e: std::io::Error| BakeError::Io(format!("{} -> {}: {e}", src.display(), dst.display()));
+    std::fs::create_dir_all(dst.parent().expect("absolute path has a parent")).map_err(io)?;
+    let _ = std::fs::remove_file(dst);
+    std::fs::copy(src, dst).map_err(io)?;
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o755)).map_err(io)
+}
