@@ -81,10 +81,51 @@ pub enum Command {
     /// Create, list and revoke bootstrap and enrollment tokens
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Emit a role's (or one node's) first-boot payload
+    Payload(PayloadArgs),
     /// Run the enrollment server nodes talk to at first boot
     Serve(ServeArgs),
     /// Show every machine the enrollment server knows, or approve one
     Nodes(NodesArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PayloadFormat {
+    /// Ignition v3 config
+    Ignition,
+    /// cloud-init #cloud-config
+    CloudInit,
+    /// VMware guestinfo keys (both payloads) and a govc command
+    Guestinfo,
+    /// iPXE script booting the role's PXE set
+    Ipxe,
+    /// firstboot's own JSON (/etc/firstboot/config.json)
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct PayloadArgs {
+    /// Role the payload is for
+    #[arg(long)]
+    pub role: Role,
+    /// Output format
+    #[arg(long, value_enum)]
+    pub format: PayloadFormat,
+    /// One node of the manifest: adds its static address (and MAC, for iPXE)
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    /// Write here (0600) instead of stdout
+    #[arg(long, short, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Ignition spec version (3.0.0 to 3.6.0)
+    #[arg(long, default_value = "3.6.0", value_name = "VERSION")]
+    pub ignition_version: String,
+    /// guestinfo encoding: base64 or gzip+base64
+    #[arg(long, default_value = "gzip+base64", value_name = "ENCODING")]
+    pub encoding: String,
+    /// iPXE: base URL of the role's PXE set [default: http://<first server host>:8080/boot/<role>]
+    #[arg(long, value_name = "URL")]
+    pub boot_url: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -105,6 +146,12 @@ pub struct ServeArgs {
     /// Client key (PEM) for etcd
     #[arg(long, value_name = "FILE", requires = "etcd_cert")]
     pub etcd_key: Option<PathBuf>,
+    /// Also serve PXE sets and iPXE scripts over plain HTTP here (for PXE firmware)
+    #[arg(long, value_name = "ADDR:PORT", requires = "boot_dir")]
+    pub boot_listen: Option<std::net::SocketAddr>,
+    /// Baked images to serve: DIR/<role>/pxe/ (the --out of the bakes)
+    #[arg(long, value_name = "DIR")]
+    pub boot_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

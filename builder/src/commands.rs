@@ -204,7 +204,12 @@ pub fn serve(global: &Global, args: &crate::cli::ServeArgs) -> Result<()> {
             prefix: String::new(),
         })
     };
-    let opts = ServeOptions { listen: args.listen, backend, audit_file: true };
+    let opts = ServeOptions {
+        listen: args.listen,
+        backend,
+        audit_file: true,
+        boot: args.boot_listen.zip(args.boot_dir.clone()),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         let running = crate::serve::start(&st, &opts).await?;
@@ -389,5 +394,42 @@ pub fn fetch(args: &crate::cli::FetchArgs) -> Result<()> {
     rt.block_on(fetch(&def, &l, &cache, &roles))
         .with_context(|| format!("cannot fetch the inputs of {}", args.image.image.display()))?;
     eprintln!("cache {} holds every input of {} ({} roles)", cache.root.display(), def.name, roles.len());
+    Ok(())
+}
+
+pub fn payload(global: &Global, args: &crate::cli::PayloadArgs) -> Result<()> {
+    use crate::cli::PayloadFormat as F;
+    use crate::payload as p;
+    let st = State::new(&global.state);
+    let cluster = st.cluster()?;
+    let node = args.node.as_deref().map(|n| p::node(&cluster, n, args.role)).transpose()?;
+    let target = p::Target { role: args.role, node };
+    let cfg = p::boot_config(&st, &cluster, &target)?;
+    let text = match args.format {
+        F::Json => p::config_json(&cfg) + "\n",
+        F::Ignition => p::ignition(&cfg, &args.ignition_version)?,
+        F::CloudInit => p::cloud_config(&cfg, &cluster, &target),
+        F::Guestinfo => {
+            let encoding: p::Encoding = args.encoding.parse().map_err(InvalidInput)?;
+            let ign = p::ignition(&cfg, &args.ignition_version)?;
+            let cc = p::cloud_config(&cfg, &cluster, &target);
+            let pairs = p::guestinfo(&ign, &cc, encoding, p::GUESTINFO_LIMIT)?;
+            let vm = node.map_or_else(|| format!("{}-{}", cluster.name, args.role), |n| n.name.clone());
+            p::guestinfo_text(&pairs, &vm)
+        }
+        F::Ipxe => {
+            if node.is_some_and(|n| n.mac.is_none()) {
+                return Err(p::PayloadError::NoMac(args.node.clone().unwrap_or_default()).into());
+            }
+            let base = args.boot_url.clone().unwrap_or_else(|| p::default_boot_base(&cluster, args.role));
+            p::ipxe(&cfg, &cluster, &target, &base)
+        }
+    };
+    match &args.out {
+        // The payload carries an enrollment token.
+        Some(path) => firstboot::fsutil::write_atomic(path, text.as_bytes(), 0o600, None)
+            .with_context(|| format!("cannot write {}", path.display()))?,
+        None => std::io::stdout().write_all(text.as_bytes())?,
+    }
     Ok(())
 }

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod commands;
 pub mod image;
 pub mod kube;
+pub mod payload;
 pub mod pki;
 pub mod serve;
 pub mod state;

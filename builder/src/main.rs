@@ -6,6 +6,7 @@ use imgbuild::commands;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    firstboot::tls::install_default_provider();
     if cli.command.is_some() && !cli.bake.role.is_empty() {
         eprintln!("imgbuild: error: --role bakes an image; it does not go with a subcommand");
         return ExitCode::from(2);
@@ -25,6 +26,7 @@ fn main() -> ExitCode {
         Some(Command::Validate(a)) => commands::validate(a),
         Some(Command::Token(c)) => commands::token(&cli.global, c),
         Some(Command::Serve(a)) => commands::serve(&cli.global, a),
+        Some(Command::Payload(a)) => commands::payload(&cli.global, a),
         Some(Command::Lock(a)) => commands::lock(a),
         Some(Command::Fetch(a)) => commands::fetch(a),
         Some(Command::Nodes(a)) => commands::nodes(&cli.global, a),

@@ -27,7 +27,12 @@ fn opts(root: &Path, config: &Path) -> Options {
 }
 
 async fn start(st: &imgbuild::state::State) -> imgbuild::serve::Running {
-    let o = ServeOptions { listen: "127.0.0.1:0".parse().unwrap(), backend: Backend::Embedded, audit_file: true };
+    let o = ServeOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backend: Backend::Embedded,
+        audit_file: true,
+        boot: None,
+    };
     imgbuild::serve::start(st, &o).await.unwrap()
 }
 

@@ -55,6 +55,7 @@ fn init_logging(verbose: u8) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    firstboot::tls::install_default_provider();
     init_logging(cli.verbose);
     let mut opts = Options::new(&cli.root);
     opts.config = cli.config;

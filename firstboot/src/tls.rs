@@ -22,6 +22,12 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Makes ring the process-wide default provider, for clients built without an explicit
+/// configuration (plain-HTTP ones included: reqwest asks for a provider either way). Idempotent.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("{what}: {reason}")]

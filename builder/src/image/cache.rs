@@ -100,6 +100,7 @@ impl Cache {
         for d in ["blobs/sha256", "partial"] {
             std::fs::create_dir_all(root.join(d)).map_err(|e| io(&root.join(d), e))?;
         }
+        firstboot::tls::install_default_provider();
         // HTTPS sources are trusted through the system's CA bundle.
         let bundle = std::fs::read_to_string("/etc/ssl/certs/ca-certificates.crt").unwrap_or_default();
         let mut b =

@@ -38,12 +38,13 @@ pub enum Client {
 pub struct App {
     pub fleet: Fleet,
     pub renderer: Renderer,
+    pub state: crate::state::State,
     limiter: RateLimiter,
 }
 
 impl App {
-    pub fn new(fleet: Fleet, renderer: Renderer) -> Self {
-        App { fleet, renderer, limiter: RateLimiter::default() }
+    pub fn new(fleet: Fleet, renderer: Renderer, state: crate::state::State) -> Self {
+        App { fleet, renderer, state, limiter: RateLimiter::default() }
     }
 }
 
@@ -121,6 +122,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route(PATH_SIGN, post(sign))
         .route(PATH_REPORT, post(report))
         .route(PATH_BOOTSTRAP_LEASE, post(lease))
+        .route("/v1/payload/role/{role}", get(payload_role))
+        .route("/v1/payload/node/{name}", get(payload_node))
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/approve", post(approve))
         .route("/metrics", get(metrics))
@@ -214,4 +217,39 @@ async fn approve(
 async fn metrics(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
     let status = app.fleet.status().await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.fleet.metrics.render(&status)).into_response())
+}
+
+fn payload_for(app: &App, target: crate::payload::Target<'_>, peer: &Peer) -> Result<Response, ApiError> {
+    let cfg = crate::payload::boot_config(&app.state, &app.fleet.cluster, &target)
+        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+    let who = target.node.map_or_else(|| target.role.to_string(), |n| n.name.clone());
+    app.fleet.audit.line("payload", &[("for", &who), ("source", &peer.addr.ip().to_string())]);
+    Ok(([(header::CONTENT_TYPE, "application/json")], crate::payload::config_json(&cfg)).into_response())
+}
+
+/// GET /v1/payload/role/ROLE: the role's first-boot payload (PXE nodes fetch it at boot).
+async fn payload_role(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    axum::extract::Path(role): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    app.fleet.metrics.request();
+    let role: firstboot::Role =
+        role.parse().map_err(|e: firstboot::role::UnknownRole| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
+    payload_for(&app, crate::payload::Target { role, node: None }, &peer)
+}
+
+/// GET /v1/payload/node/NAME: one node's payload, with its static address.
+async fn payload_node(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    app.fleet.metrics.request();
+    let node = app
+        .fleet
+        .cluster
+        .node(&name)
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownMachine, format!("no node {name}")))?;
+    payload_for(&app, crate::payload::Target { role: node.role, node: Some(node) }, &peer)
 }

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod boot;
 pub mod fleet;
 pub mod metrics;
 pub mod render;
@@ -47,6 +48,8 @@ pub struct ServeOptions {
     pub backend: Backend,
     /// Write the audit log to `audit.log` in the state dir (off in benchmarks).
     pub audit_file: bool,
+    /// Serve PXE sets and iPXE scripts over plain HTTP on this address, from this directory.
+    pub boot: Option<(SocketAddr, std::path::PathBuf)>,
 }
 
 /// How long connections may take to finish after a shutdown request.
@@ -56,6 +59,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A server that is listening.
 pub struct Running {
     pub addr: SocketAddr,
+    /// The plain-HTTP boot listener, when there is one.
+    pub boot_addr: Option<SocketAddr>,
     shutdown: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     pub app: Arc<App>,
@@ -115,11 +120,29 @@ pub async fn start(state: &State, opts: &ServeOptions) -> Result<Running> {
     let (enroll_subject, cluster_subject) =
         (subject_raw(cas.enrollment.cert_der()), subject_raw(cas.cluster.cert_der()));
     let fleet = Fleet::new(store, cluster, cas, state.tokens_file(), audit);
-    let app = Arc::new(App::new(fleet, renderer));
+    let app = Arc::new(App::new(fleet, renderer, state.clone()));
     let listener = TcpListener::bind(opts.listen).await.with_context(|| format!("cannot listen on {}", opts.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!("enrollment server on https://{addr} (store: {describe})");
     let (shutdown, mut stop) = tokio::sync::watch::channel(false);
+    let boot_addr = match &opts.boot {
+        None => None,
+        Some((listen, dir)) => {
+            let l = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+            let a = l.local_addr()?;
+            tracing::info!("PXE boot files on http://{a} from {}", dir.display());
+            let router = boot::router(Arc::new(boot::BootFiles { app: app.clone(), dir: dir.clone() }));
+            let mut stop = shutdown.subscribe();
+            tokio::spawn(async move {
+                let _ = axum::serve(l, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.changed().await;
+                    })
+                    .await;
+            });
+            Some(a)
+        }
+    };
     let router = api::router(app.clone());
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let task = tokio::spawn(async move {
@@ -173,7 +196,7 @@ pub async fn start(state: &State, opts: &ServeOptions) -> Result<Running> {
             tracing::warn!("some connections did not finish within {DRAIN:?}");
         }
     });
-    Ok(Running { addr, shutdown, task, app })
+    Ok(Running { addr, boot_addr, shutdown, task, app })
 }
 
 fn subject_raw(der: &[u8]) -> Vec<u8> {

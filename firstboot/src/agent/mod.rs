@@ -316,6 +316,9 @@ impl<H: Host, S: Systemd> Agent<H, S> {
                 return Err(format!("this is a {} image but the payload is for role {}", i.role, config.role));
             }
         }
+        if let Some(net) = &config.network {
+            self.static_network(net).await?;
+        }
         let message = format!(
             "machine {} ({} MACs), payload from {from}, servers {}",
             identity.key(),
@@ -326,6 +329,30 @@ impl<H: Host, S: Systemd> Agent<H, S> {
         self.record.boot_config = Some(config);
         self.record.image = image;
         Ok(message)
+    }
+
+    /// A static address from the payload, for networks without DHCP: a systemd-networkd file for
+    /// the NIC (by MAC, or name), applied before enrolling.
+    async fn static_network(&mut self, net: &crate::bootcfg::StaticNetwork) -> Result<(), String> {
+        let matcher = match (&net.mac, &net.interface) {
+            (Some(mac), _) => format!("MACAddress={mac}"),
+            (None, Some(name)) => format!("Name={name}"),
+            (None, None) => "Type=ether\nKind=!veth !bridge".to_string(),
+        };
+        let mut unit = format!(
+            "# Written by firstboot from the first-boot payload.\n[Match]\n{matcher}\n\n[Network]\nAddress={}\n",
+            net.address
+        );
+        if let Some(gw) = net.gateway {
+            unit.push_str(&format!("Gateway={gw}\n"));
+        }
+        for d in &net.dns {
+            unit.push_str(&format!("DNS={d}\n"));
+        }
+        let path = paths::under(&self.opts.root, "/etc/systemd/network/10-firstboot.network");
+        ensure_dir(path.parent().expect("has parent"), 0o755).map_err(|e| format!("{}: {e}", path.display()))?;
+        write_atomic(&path, unit.as_bytes(), 0o644, None).map_err(|e| format!("{}: {e}", path.display()))?;
+        self.systemd.restart("systemd-networkd.service").await.map_err(|e| e.to_string())
     }
 
     async fn enroll(&mut self) -> PhaseResult {

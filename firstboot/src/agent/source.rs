@@ -5,7 +5,9 @@
 //! 2. [`paths::BOOT_CONFIG`], written by Ignition (`storage.files`) or cloud-init (`write_files`);
 //! 3. the kernel command line, inline or as `firstboot.config=URL` (PXE);
 //! 4. VMware guestinfo (`guestinfo.ignition.config.data`, then `guestinfo.userdata`, with their
-//!    `.encoding`: base64 or gzip+base64), read with `vmware-rpctool` from open-vm-tools.
+//!    `.encoding`: base64 or gzip+base64), read with `vmware-rpctool` from open-vm-tools;
+//! 5. QEMU fw_cfg `opt/com.coreos/config`, where Ignition's QEMU platform (and libvirt) put an
+//!    Ignition config.
 //!
 //! Ignition and cloud-init payloads are also understood directly (guestinfo carries them): the
 //! entry for [`paths::BOOT_CONFIG`] is taken out of them.
@@ -222,6 +224,28 @@ impl ConfigSource for Guestinfo {
     }
 }
 
+/// QEMU's fw_cfg, as the qemu_fw_cfg kernel module exposes it.
+pub struct QemuFwCfg;
+
+pub const FW_CFG_IGNITION: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/com.coreos/config/raw";
+
+impl ConfigSource for QemuFwCfg {
+    fn name(&self) -> String {
+        "QEMU fw_cfg opt/com.coreos/config".into()
+    }
+    fn load(&self, root: &Path) -> Result<Option<Found>, SourceError> {
+        let path = paths::under(root, FW_CFG_IGNITION);
+        if !path.exists() && root == Path::new("/") && Path::new("/sys/firmware/qemu_fw_cfg").exists() {
+            // The module is there but may not be loaded.
+            let _ = std::process::Command::new("modprobe").arg("qemu_fw_cfg").status();
+        }
+        match std::fs::read_to_string(&path) {
+            Ok(text) => parse_payload(&text, &self.name()).map(|c| Some(Found::Config(c))),
+            Err(_) => Ok(None),
+        }
+    }
+}
+
 /// The transports in their documented order.
 pub fn default_sources(explicit: Option<PathBuf>, rpctool: PathBuf) -> Vec<Box<dyn ConfigSource>> {
     let mut v: Vec<Box<dyn ConfigSource>> = Vec::new();
@@ -231,6 +255,7 @@ pub fn default_sources(explicit: Option<PathBuf>, rpctool: PathBuf) -> Vec<Box<d
     v.push(Box::new(WrittenFile));
     v.push(Box::new(KernelCmdline));
     v.push(Box::new(Guestinfo { rpctool }));
+    v.push(Box::new(QemuFwCfg));
     v
 }
 
@@ -321,6 +346,18 @@ mod tests {
         assert_eq!(parse_payload(&cc_plain, "t").unwrap(), sample());
         let e = parse_payload("#cloud-config\nruncmd: [ls]\n", "t").unwrap_err();
         assert!(e.to_string().contains("writes no"), "{e}");
+    }
+
+    #[test]
+    fn qemu_fw_cfg_ignition() {
+        let d = tempfile::tempdir().unwrap();
+        let ign = serde_json::json!({"ignition": {"version": "3.6.0"}, "storage": {"files": [{"path": paths::BOOT_CONFIG, "mode": 384, "contents": {"source": format!("data:;base64,{}", B64.encode(serde_json::to_string(&sample()).unwrap()))}}]}});
+        let p = paths::under(d.path(), FW_CFG_IGNITION);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, ign.to_string()).unwrap();
+        let (found, from) = load(d.path(), &default_sources(None, "/nonexistent".into())).unwrap().unwrap();
+        assert_eq!(found, Found::Config(sample()));
+        assert!(from.contains("fw_cfg"), "{from}");
     }
 
     #[test]

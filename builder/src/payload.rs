@@ -1,0 +1,261 @@
+//! First-boot payloads: what a machine needs to find and trust its enrollment server, for each
+//! way payloads reach machines. Ignition (through the ignition-config crate), cloud-init,
+//! VMware guestinfo, and iPXE scripts, all from one [`BootConfig`]. Deterministic: the same
+//! state gives the same bytes, so operators can diff them. No private key is ever in one.
+
+use std::io::Write;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use firstboot::Role;
+use firstboot::bootcfg::{BOOT_CONFIG_VERSION, BootConfig, StaticNetwork};
+use firstboot::paths;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+use crate::cluster::{Cluster, Node};
+use crate::pki::CaKind;
+use crate::state::{State, StateError};
+use crate::templates;
+
+/// The newest Ignition spec the ignition-config crate knows, and every one it accepts.
+pub const IGNITION_VERSIONS: &[&str] = &["3.6.0", "3.5.0", "3.4.0", "3.3.0", "3.2.0", "3.1.0", "3.0.0"];
+
+/// VMware guestinfo values larger than this do not travel reliably through VMX extraConfig.
+pub const GUESTINFO_LIMIT: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    #[error(
+        "no valid enrollment token for role {0}: run `imgbuild init --rotate enrollment-tokens` or `imgbuild token create --usages enrollment --role {0}`"
+    )]
+    NoToken(Role),
+    #[error("no node '{0}' in the cluster manifest")]
+    NoNode(String),
+    #[error("node {node} is a {actual}, not a {wanted}")]
+    WrongRole { node: String, actual: Role, wanted: Role },
+    #[error("Ignition spec {0} is not supported (valid: {list})", list = IGNITION_VERSIONS.join(", "))]
+    IgnitionVersion(String),
+    #[error(
+        "{key} would be {size} bytes, over the {limit}-byte guestinfo limit: use --encoding gzip+base64, or deliver the payload by PXE"
+    )]
+    TooLarge { key: String, size: usize, limit: usize },
+    #[error("node {0} has no MAC address: a per-MAC iPXE script needs one")]
+    NoMac(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// Who a payload is for.
+pub struct Target<'a> {
+    pub role: Role,
+    /// A single node: its static address rides along.
+    pub node: Option<&'a Node>,
+}
+
+impl Target<'_> {
+    fn describe(&self) -> String {
+        match self.node {
+            Some(n) => format!("{} node {}", self.role, n.name),
+            None => format!("{} nodes", self.role),
+        }
+    }
+}
+
+/// The payload's content, from the cluster state.
+pub fn boot_config(state: &State, cluster: &Cluster, target: &Target<'_>) -> Result<BootConfig, PayloadError> {
+    let tokens = state.tokens()?;
+    let token =
+        tokens.enrollment_token(target.role, OffsetDateTime::now_utc()).ok_or(PayloadError::NoToken(target.role))?;
+    Ok(BootConfig {
+        version: BOOT_CONFIG_VERSION,
+        servers: cluster.enrollment.servers.iter().map(ToString::to_string).collect(),
+        ca_pin: state.ca(CaKind::Cluster)?.pin(),
+        token: token.token.clone(),
+        role: target.role,
+        network: target.node.map(|n| StaticNetwork {
+            interface: None,
+            mac: n.mac.as_ref().map(ToString::to_string),
+            address: n.address.to_string(),
+            gateway: n.gateway.map(Into::into),
+            dns: vec![],
+        }),
+    })
+}
+
+/// The node `name`, checked to have `role`.
+pub fn node<'a>(cluster: &'a Cluster, name: &str, role: Role) -> Result<&'a Node, PayloadError> {
+    let n = cluster.node(name).ok_or_else(|| PayloadError::NoNode(name.into()))?;
+    if n.role != role {
+        return Err(PayloadError::WrongRole { node: name.into(), actual: n.role, wanted: role });
+    }
+    Ok(n)
+}
+
+/// The payload file, as firstboot reads it (compact JSON, one line).
+pub fn config_json(cfg: &BootConfig) -> String {
+    serde_json::to_string(cfg).expect("boot config serializes")
+}
+
+/// Removes `null` members: ignition-config serializes every unset optional field as null.
+fn strip_nulls(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.retain(|_, x| !x.is_null());
+            m.values_mut().for_each(strip_nulls);
+        }
+        Value::Array(a) => a.iter_mut().for_each(strip_nulls),
+        _ => {}
+    }
+}
+
+macro_rules! ignition_for {
+    // Spec 3.0 calls file contents FileContents; 3.1 and later, Resource.
+    ($v:ident, $source:expr) => {
+        ignition_for!($v, Resource, $source)
+    };
+    ($v:ident, $contents:ident, $source:expr) => {{
+        use ignition_config::$v as ign;
+        let mut c = ign::Config::default();
+        let mut f = ign::File::new(paths::BOOT_CONFIG.to_string());
+        f.mode = Some(0o600);
+        f.overwrite = Some(true);
+        f.contents = Some(ign::$contents { source: Some($source), ..Default::default() });
+        c.storage = Some(ign::Storage { files: Some(vec![f]), ..Default::default() });
+        let mut u = ign::Unit::new(paths::UNIT.to_string());
+        u.enabled = Some(true);
+        c.systemd = Some(ign::Systemd { units: Some(vec![u]) });
+        serde_json::to_value(&c).expect("ignition config serializes")
+    }};
+}
+
+/// An Ignition config that writes the payload (0600) and enables firstboot.
+pub fn ignition(cfg: &BootConfig, version: &str) -> Result<String, PayloadError> {
+    let source = format!("data:;base64,{}", B64.encode(config_json(cfg)));
+    let mut v = match version {
+        "3.6.0" => ignition_for!(v3_6, source),
+        "3.5.0" => ignition_for!(v3_5, source),
+        "3.4.0" => ignition_for!(v3_4, source),
+        "3.3.0" => ignition_for!(v3_3, source),
+        "3.2.0" => ignition_for!(v3_2, source),
+        "3.1.0" => ignition_for!(v3_1, source),
+        "3.0.0" => ignition_for!(v3_0, FileContents, source),
+        other => return Err(PayloadError::IgnitionVersion(other.into())),
+    };
+    strip_nulls(&mut v);
+    Ok(serde_json::to_string_pretty(&v).expect("json") + "\n")
+}
+
+/// A `#cloud-config` that writes the payload (0600) and starts firstboot.
+pub fn cloud_config(cfg: &BootConfig, cluster: &Cluster, target: &Target<'_>) -> String {
+    templates::render(
+        "cloud-config.yaml",
+        json!({"what": target.describe(), "cluster": cluster.name, "path": paths::BOOT_CONFIG, "content": config_json(cfg), "unit": paths::UNIT}),
+    )
+    .expect("cloud-config template renders")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Base64,
+    GzipBase64,
+}
+
+impl Encoding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Base64 => "base64",
+            Encoding::GzipBase64 => "gzip+base64",
+        }
+    }
+
+    pub fn encode(self, data: &str) -> String {
+        match self {
+            Encoding::Base64 => B64.encode(data),
+            Encoding::GzipBase64 => {
+                // No file name, mtime 0: the same input gives the same bytes.
+                let mut e = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::best());
+                e.write_all(data.as_bytes()).expect("writes to memory");
+                B64.encode(e.finish().expect("writes to memory"))
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for Encoding {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "base64" => Ok(Encoding::Base64),
+            "gzip+base64" => Ok(Encoding::GzipBase64),
+            _ => Err(format!("unknown encoding '{s}' (base64, gzip+base64)")),
+        }
+    }
+}
+
+/// The guestinfo keys for both payloads (the vApp properties the OVA declares), size-checked.
+pub fn guestinfo(
+    ignition: &str,
+    cloud_config: &str,
+    encoding: Encoding,
+    limit: usize,
+) -> Result<Vec<(String, String)>, PayloadError> {
+    let mut out = Vec::new();
+    for (key, data) in [("guestinfo.ignition.config.data", ignition), ("guestinfo.userdata", cloud_config)] {
+        let value = encoding.encode(data);
+        if value.len() > limit {
+            return Err(PayloadError::TooLarge { key: key.into(), size: value.len(), limit });
+        }
+        out.push((key.to_string(), value));
+        out.push((format!("{key}.encoding"), encoding.as_str().to_string()));
+    }
+    Ok(out)
+}
+
+/// guestinfo as `key=value` lines, and as a govc command for a VM named `vm`.
+pub fn guestinfo_text(pairs: &[(String, String)], vm: &str) -> String {
+    let mut s = String::from("# VMware guestinfo (extraConfig) keys; set them on a clone of the OVA's template:\n");
+    for (k, v) in pairs {
+        s.push_str(&format!("{k}={v}\n"));
+    }
+    s.push_str("\n# with govc:\n");
+    s.push_str(&format!("govc vm.change -vm '{vm}'"));
+    for (k, v) in pairs {
+        s.push_str(&format!(" \\\n  -e '{k}={v}'"));
+    }
+    s.push('\n');
+    s
+}
+
+/// Where a machine fetches its payload over HTTPS: a role's, or one node's.
+pub fn payload_url(cluster: &Cluster, target: &Target<'_>) -> String {
+    let server = cluster.enrollment.servers.first().map(ToString::to_string).unwrap_or_default();
+    match target.node {
+        Some(n) => format!("{server}/v1/payload/node/{}", n.name),
+        None => format!("{server}/v1/payload/role/{}", target.role),
+    }
+}
+
+/// An iPXE script that boots the role's PXE set from `base` and hands the kernel the payload's
+/// location and the CA pin. `extra` goes on the kernel command line as well.
+pub fn ipxe(cfg: &BootConfig, cluster: &Cluster, target: &Target<'_>, base: &str) -> String {
+    let mut extra = String::new();
+    if let Some(mac) = target.node.and_then(|n| n.mac.as_ref()) {
+        extra.push_str(&format!(" firstboot.boot-mac={mac}"));
+    }
+    templates::render(
+        "payload.ipxe",
+        json!({
+            "what": target.describe(), "cluster": cluster.name, "base": base.trim_end_matches('/'),
+            "cmdline": crate::image::outputs::pxe_cmdline(), "payload_url": payload_url(cluster, target),
+            "pin": cfg.ca_pin.to_string(), "extra": extra,
+        }),
+    )
+    .expect("iPXE template renders")
+}
+
+/// The default base URL of the PXE sets served by `imgbuild serve --boot-listen`.
+pub fn default_boot_base(cluster: &Cluster, role: Role) -> String {
+    let host = cluster.enrollment.servers.first().map(|s| s.host.clone()).unwrap_or_else(|| "127.0.0.1".into());
+    format!("http://{host}:8080/boot/{role}")
+}

@@ -1,0 +1,88 @@
+//! The PXE side of `imgbuild serve` (plain HTTP, as PXE firmware speaks it): each role's PXE set
+//! from the bake output directory, and iPXE scripts that boot it with the first-boot payload's
+//! location and the CA pin on the kernel command line, per role and per MAC. Point DHCP's boot
+//! file at `http://SERVER:PORT/boot/mac/${mac}.ipxe` (or `/boot/ROLE.ipxe`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use firstboot::Role;
+
+use super::api::App;
+use crate::payload::{self, Target};
+
+pub struct BootFiles {
+    pub app: Arc<App>,
+    pub dir: PathBuf,
+}
+
+pub fn router(files: Arc<BootFiles>) -> Router {
+    Router::new()
+        .route("/boot/{role}/{file}", get(file))
+        .route("/boot/mac/{script}", get(by_mac))
+        .route("/boot/{script}", get(by_role))
+        .with_state(files)
+}
+
+fn not_found(what: String) -> Response {
+    (StatusCode::NOT_FOUND, format!("{what}\n")).into_response()
+}
+
+const PXE_FILES: [&str; 4] = ["vmlinuz", "initrd.img", "rootfs.erofs", "boot.ipxe"];
+
+async fn file(State(b): State<Arc<BootFiles>>, Path((role, name)): Path<(String, String)>) -> Response {
+    if role.parse::<Role>().is_err() || !PXE_FILES.contains(&name.as_str()) {
+        return not_found(format!("no {role}/{name}"));
+    }
+    let path = b.dir.join(&role).join("pxe").join(&name);
+    match tokio::fs::File::open(&path).await {
+        Ok(f) => {
+            let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+            let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20));
+            (
+                [(header::CONTENT_LENGTH, len.to_string()), (header::CONTENT_TYPE, "application/octet-stream".into())],
+                body,
+            )
+                .into_response()
+        }
+        Err(_) => not_found(format!("{} is not there: bake the {role} image into {}", path.display(), b.dir.display())),
+    }
+}
+
+fn script(b: &BootFiles, headers: &HeaderMap, target: Target<'_>) -> Response {
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1");
+    let base = format!("http://{host}/boot/{}", target.role);
+    let cluster = &b.app.fleet.cluster;
+    match payload::boot_config(&b.app.state, cluster, &target) {
+        Ok(cfg) => {
+            b.app.fleet.audit.line(
+                "pxe-script",
+                &[("role", target.role.as_str()), ("node", target.node.map_or("", |n| n.name.as_str()))],
+            );
+            ([(header::CONTENT_TYPE, "text/plain")], payload::ipxe(&cfg, cluster, &target, &base)).into_response()
+        }
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn by_role(State(b): State<Arc<BootFiles>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    match name.strip_suffix(".ipxe").and_then(|r| r.parse::<Role>().ok()) {
+        Some(role) => script(&b, &headers, Target { role, node: None }),
+        None => not_found(format!("no {name} (try master.ipxe, worker.ipxe)")),
+    }
+}
+
+async fn by_mac(State(b): State<Arc<BootFiles>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    let mac = name.strip_suffix(".ipxe").unwrap_or(&name).to_ascii_lowercase().replace('-', ":");
+    let node = b.app.fleet.cluster.nodes.iter().find(|n| n.mac.as_ref().is_some_and(|m| m.as_str() == mac));
+    match node {
+        Some(n) => script(&b, &headers, Target { role: n.role, node: Some(n) }),
+        None => not_found(format!("no node with MAC {mac} in the inventory")),
+    }
+}
