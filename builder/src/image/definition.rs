@@ -154,8 +154,11 @@ impl Definition {
         let invalid = |message: String| DefinitionError::Invalid { path: path.to_path_buf(), message };
         let def: Definition = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         let mut problems = Vec::new();
-        if !crate::cluster::is_dns_label(&def.name) {
-            problems.push(format!("name '{}' must be lowercase letters, digits and '-'", def.name));
+        if !crate::cluster::is_dns_subdomain(&def.name) {
+            problems.push(format!(
+                "name '{}' must be an RFC 1123 subdomain: lowercase letters, digits, '-' and '.'",
+                def.name
+            ));
         }
         if let Err(e) = def.kubernetes.parse::<KubeVersion>() {
             problems.push(format!("kubernetes: {e}"));
@@ -297,6 +300,11 @@ mod tests {
                 "must be an absolute path",
             ),
             ("unknown key", base.replacen("[base]", "[base]\nflavour = \"x\"", 1), "unknown field `flavour`"),
+            (
+                "bad name",
+                base.replacen("name = \"debian-12\"", "name = \"Debian_12\"", 1),
+                "name 'Debian_12' must be an RFC 1123 subdomain",
+            ),
             (
                 "bad role",
                 base.replacen("roles = [\"master\"] }]", "roles = [\"boss\"] }]", 1),
