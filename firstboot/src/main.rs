@@ -61,6 +61,7 @@ fn main() -> ExitCode {
     opts.config = cli.config;
     opts.deadline = Duration::from_secs(cli.deadline);
     opts.join = !cli.no_join;
+    opts.console = true;
     opts.crash = std::env::var("FIRSTBOOT_CRASH").ok().and_then(|c| firstboot::agent::Crash::parse(&c));
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,

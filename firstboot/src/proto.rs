@@ -205,6 +205,9 @@ pub struct SignResponse {
     pub certs: Vec<IssuedCert>,
 }
 
+/// In a [`FileSpec`] with `expand`, stands for the name of the node's network interface.
+pub const INTERFACE_PLACEHOLDER: &str = "@@INTERFACE@@";
+
 /// A file the node writes, atomically, with this mode and owner.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -217,6 +220,10 @@ pub struct FileSpec {
     pub owner: Option<String>,
     /// File contents, UTF-8.
     pub contents: String,
+    /// Replace [`INTERFACE_PLACEHOLDER`] with the name of the node's network interface (which
+    /// only the node knows) before writing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expand: bool,
 }
 
 /// A key the node generates and a certificate it requests for it.
@@ -236,6 +243,9 @@ pub struct UnitSpec {
     pub name: String,
     pub enable: bool,
     pub start: bool,
+    /// Restart instead of start: the unit may already run with the image's configuration.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restart: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,6 +262,11 @@ pub struct HostSetup {
     pub data_disks: Vec<DataDisk>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<StaticNetwork>,
+    /// The node's NIC: its MAC from the inventory, else the address it must carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface_mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface_address: Option<String>,
 }
 
 /// A filesystem found by its label and mounted at `mount_point`.

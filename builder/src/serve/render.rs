@@ -1,24 +1,73 @@
 //! Renders each node's role config ([`NodeConfig`]): the files it writes (with modes), the keys
 //! it generates and the certificates it requests for them, the units it starts, and how it
 //! joins. Everything that depends on the whole inventory (etcd's initial cluster, haproxy's
-//! backends, routes to other nodes' pod ranges) is known here, which is why the server renders
-//! and the node only applies.
+//! backends, keepalived's peers, routes to the other nodes' pod ranges) is known here, which is
+//! why the server renders and the node only applies. Units and configuration files are templates
+//! in `manifests/templates/node/`.
+//!
+//! What differs between Kubernetes versions is decided in [`Versioned`], and nowhere else:
+//!
+//! | choice | before | from |
+//! |---|---|---|
+//! | kubelet `--container-runtime=remote --container-runtime-endpoint` (else `containerRuntimeEndpoint`) | | 1.27 |
+//! | `--insecure-port=0` (apiserver), `--port=0` (controller-manager, scheduler) | | 1.24 |
+//! | KubeSchedulerConfiguration API | v1beta1 < 1.22 ≤ v1beta2 < 1.25 ≤ v1 | |
+//! | cgroup driver (kubeadm's default) | cgroupfs | 1.22: systemd |
+//! | control-plane taint | `node-role.kubernetes.io/master` | 1.24: `.../control-plane` |
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use firstboot::Role;
 use firstboot::paths;
 use firstboot::proto::*;
-use serde_json::Value;
+use serde::Serialize;
+use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 use super::fleet::{ApiError, Fleet, NodeRecord};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, KubeVersion};
 use crate::kube;
-use crate::pki::{CaKind, leaf_spec};
+use crate::pki::{CaKind, NodeIdentity, leaf_spec};
 use crate::state::State;
+use crate::templates;
 use crate::tokens::{DEFAULT_NODE_GROUP, TokenStore};
+
+/// Rendered when a node sends no image information and the cluster pins no version.
+pub const DEFAULT_KUBERNETES: &str = "v1.34.7";
+const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.10";
+
+/// The version-dependent choices (see the module docs).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Versioned {
+    pub runtime_flags: bool,
+    pub insecure_port_flag: bool,
+    pub scheduler_api: &'static str,
+    pub cgroup_driver: &'static str,
+    pub control_plane_taint: &'static str,
+}
+
+impl Versioned {
+    pub fn of(v: KubeVersion) -> Versioned {
+        let minor = if v.major > 1 { u32::MAX } else { v.minor };
+        Versioned {
+            runtime_flags: minor < 27,
+            insecure_port_flag: minor < 24,
+            scheduler_api: match minor {
+                ..22 => "kubescheduler.config.k8s.io/v1beta1",
+                22..25 => "kubescheduler.config.k8s.io/v1beta2",
+                _ => "kubescheduler.config.k8s.io/v1",
+            },
+            cgroup_driver: if minor < 22 { "cgroupfs" } else { "systemd" },
+            control_plane_taint: if minor < 24 {
+                "node-role.kubernetes.io/master"
+            } else {
+                "node-role.kubernetes.io/control-plane"
+            },
+        }
+    }
+}
 
 /// A secret file masters receive from the state dir.
 struct MasterSecret {
@@ -35,6 +84,21 @@ pub struct Renderer {
 
 fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn file(path: &str, mode: u32, contents: impl Into<String>) -> FileSpec {
+    FileSpec { path: path.into(), mode, owner: None, contents: contents.into(), expand: false }
+}
+
+fn unit(name: &str, start: bool, restart: bool) -> UnitSpec {
+    UnitSpec { name: name.into(), enable: true, start, restart }
+}
+
+fn render(name: &str, ctx: &Value) -> Result<String, ApiError> {
+    templates::render(name, ctx).map_err(|e| {
+        tracing::error!("template {name}: {e:#}");
+        ApiError::new(ErrorCode::Internal, format!("cannot render {name}"))
+    })
 }
 
 impl Renderer {
@@ -88,64 +152,270 @@ impl Renderer {
         objects
     }
 
+    /// A kubeconfig whose client certificate and key are files on the node.
+    fn kubeconfig(&self, server: &str, user: &str, purpose: CertPurpose) -> String {
+        let (cert, key) = paths::cert_paths(purpose);
+        kube::kubeconfig(
+            &self.cluster.name,
+            server,
+            kube::CaRef::File("/etc/kubernetes/pki/ca.crt"),
+            user,
+            kube::Auth::CertFiles { cert, key },
+        )
+    }
+
     pub async fn node_config(&self, fleet: &Fleet, node: &NodeRecord) -> Result<NodeConfig, ApiError> {
-        let _ = fleet;
-        let ident = node.identity();
-        let kubernetes_version = node.image.as_ref().map(|i| i.kubernetes_version.clone()).unwrap_or_default();
-        let mut files = vec![FileSpec {
-            path: "/etc/kubernetes/pki/ca.crt".into(),
-            mode: 0o644,
-            owner: None,
-            contents: self.ca_pem(CaKind::Cluster).to_string(),
-        }];
-        if node.role == Role::Master {
+        let version_text = node
+            .image
+            .as_ref()
+            .map(|i| i.kubernetes_version.clone())
+            .or_else(|| self.cluster.versions.kubernetes.map(|v| v.to_string()))
+            .unwrap_or_else(|| DEFAULT_KUBERNETES.to_string());
+        let version: KubeVersion = version_text
+            .parse()
+            .map_err(|e: String| ApiError::new(ErrorCode::BadRequest, format!("image Kubernetes version: {e}")))?;
+        let containerd2 = node
+            .image
+            .as_ref()
+            .and_then(|i| i.components.get("containerd"))
+            .is_some_and(|v| v.trim_start_matches('v').starts_with('2'));
+        let inputs =
+            NodeInputs { version, containerd2, join_token: self.join_token()?, ca_pin: fleet.cas.cluster.pin() };
+        self.render(&node.identity(), node.pod_index, &inputs)
+    }
+
+    /// Renders a node's config from what the server knows: the node's name, role and address,
+    /// its pod range, and the inputs (pure: golden tests call this).
+    pub fn render(&self, node: &NodeIdentity, pod_index: usize, inputs: &NodeInputs) -> Result<NodeConfig, ApiError> {
+        let c = &self.cluster;
+        let v = Versioned::of(inputs.version);
+        let inventory = c.node(&node.name);
+        let node_ip = node.ip.map(|ip| ip.to_string());
+        let pod_cidr = c.networks.node_pod_cidr(pod_index).map(|n| n.to_string()).unwrap_or_default();
+        let master = node.role == Role::Master;
+        let etcd_member = c.etcd_members().any(|m| m.name == node.name);
+        let taint = master.then(|| format!("{}:NoSchedule", v.control_plane_taint));
+        let vip_url = c.api.url();
+        let ctx = json!({
+            "node": node.name, "role": node.role, "node_ip": node_ip, "cluster": c.name, "v": v,
+            "cluster_dns": c.networks.cluster_dns.to_string(), "dns_domain": c.networks.dns_domain,
+            "pod_cidr": c.networks.pod_cidr.to_string(), "service_cidr": c.networks.service_cidr.to_string(),
+            "node_pod_cidr": pod_cidr, "taint": taint, "vip": c.api.vip.to_string(), "port": c.api.port,
+            "containerd2": inputs.containerd2, "systemd_cgroup": v.cgroup_driver == "systemd", "pause_image": PAUSE_IMAGE,
+        });
+        let mut files = vec![file("/etc/kubernetes/pki/ca.crt", 0o644, self.ca_pem(CaKind::Cluster))];
+        let mut units = Vec::new();
+        let mut sysctls = BTreeMap::from([
+            ("net.ipv4.ip_forward".to_string(), "1".to_string()),
+            ("net.bridge.bridge-nf-call-iptables".to_string(), "1".to_string()),
+            ("net.bridge.bridge-nf-call-ip6tables".to_string(), "1".to_string()),
+        ]);
+        let mut modules: Vec<String> =
+            ["overlay", "br_netfilter", "ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_sh", "nf_conntrack"]
+                .map(String::from)
+                .to_vec();
+        let kubelet = node.role != Role::Etcd;
+
+        if kubelet {
+            // Routes to the pod ranges of the other nodes the inventory knows the address of.
+            let routes: Vec<Value> = c
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| n.name != node.name && n.role != Role::Etcd)
+                .filter_map(|(i, n)| {
+                    c.networks.node_pod_cidr(i).map(|cidr| json!({"cidr": cidr.to_string(), "via": n.ip().to_string()}))
+                })
+                .collect();
+            let mut rctx = ctx.clone();
+            rctx["routes"] = Value::Array(routes);
+            files.push(file(
+                "/etc/systemd/system/imgbuild-pod-routes.service",
+                0o644,
+                render("node/pod-routes.service", &rctx)?,
+            ));
+            files.push(file("/etc/containerd/config.toml", 0o644, render("node/containerd-config.toml", &ctx)?));
+            files.push(file("/etc/cni/net.d/10-imgbuild.conflist", 0o644, render("node/cni.conflist", &ctx)?));
+            files.push(file("/var/lib/kubelet/config.yaml", 0o644, render("node/kubelet-config.yaml", &ctx)?));
+            files.push(file("/etc/systemd/system/kubelet.service", 0o644, render("node/kubelet.service", &ctx)?));
+            for mode in ["ipvs", "iptables"] {
+                let mut pctx = ctx.clone();
+                pctx["mode"] = mode.into();
+                files.push(file(
+                    &format!("/var/lib/kube-proxy/config-{mode}.yaml"),
+                    0o644,
+                    render("node/kube-proxy-config.yaml", &pctx)?,
+                ));
+            }
+            files.push(file("/etc/systemd/system/kube-proxy.service", 0o644, render("node/kube-proxy.service", &ctx)?));
+            files.push(file(
+                "/etc/kubernetes/kube-proxy.conf",
+                0o600,
+                self.kubeconfig(&vip_url, "system:kube-proxy", CertPurpose::KubeProxy),
+            ));
+            units.extend([
+                unit("containerd.service", true, true),
+                unit("imgbuild-pod-routes.service", true, false),
+                unit("kube-proxy.service", true, false),
+                // Started by the join phase, once the bootstrap kubeconfig is in place.
+                UnitSpec { name: "kubelet.service".into(), enable: true, start: false, restart: false },
+            ]);
+        }
+        if etcd_member {
+            let initial: Vec<String> =
+                c.etcd_members().map(|m| format!("{}=https://{}:2380", m.name, m.ip())).collect();
+            let mut ectx = ctx.clone();
+            ectx["initial_cluster"] = initial.join(",").into();
             files.push(file("/etc/kubernetes/pki/etcd/ca.crt", 0o644, self.ca_pem(CaKind::Etcd)));
+            files.push(file("/etc/systemd/system/etcd.service", 0o644, render("node/etcd.service", &ectx)?));
+            units.insert(0, unit("etcd.service", true, true));
+        }
+        if master {
+            let node_ip = node_ip
+                .clone()
+                .ok_or_else(|| ApiError::new(ErrorCode::Internal, format!("master {} has no address", node.name)))?;
+            let local = format!("https://{node_ip}:6443");
+            let etcd_servers: Vec<String> = c.etcd_members().map(|m| format!("https://{}:2379", m.ip())).collect();
+            let masters: Vec<Value> = c.masters().map(|m| json!({"name": m.name, "ip": m.ip().to_string()})).collect();
+            let position = c.masters().position(|m| m.name == node.name).unwrap_or(0);
+            let mut mctx = ctx.clone();
+            mctx["etcd_servers"] = etcd_servers.join(",").into();
+            mctx["masters"] = Value::Array(masters.clone());
+            mctx["peers"] = Value::Array(masters.into_iter().filter(|m| m["name"] != node.name.as_str()).collect());
+            mctx["priority"] = (150 - 10 * position as i64).into();
+            mctx["router_id"] =
+                (u64::from(crate::image::lock::sha256_hex(c.name.as_bytes()).as_bytes()[0]) % 254 + 1).into();
+            mctx["prefix"] = inventory.map_or(24, |n| n.address.prefix_len()).into();
+            if !etcd_member {
+                files.push(file("/etc/kubernetes/pki/etcd/ca.crt", 0o644, self.ca_pem(CaKind::Etcd)));
+            }
             files.push(file("/etc/kubernetes/pki/front-proxy-ca.crt", 0o644, self.ca_pem(CaKind::FrontProxy)));
             for s in &self.master_secrets {
                 files.push(file(s.node_path, 0o600, &s.contents));
             }
+            files.push(file(
+                "/etc/systemd/system/kube-apiserver.service",
+                0o644,
+                render("node/kube-apiserver.service", &mctx)?,
+            ));
+            files.push(file(
+                "/etc/systemd/system/kube-controller-manager.service",
+                0o644,
+                render("node/kube-controller-manager.service", &mctx)?,
+            ));
+            files.push(file(
+                "/etc/systemd/system/kube-scheduler.service",
+                0o644,
+                render("node/kube-scheduler.service", &mctx)?,
+            ));
+            files.push(file("/etc/kubernetes/kube-scheduler.yaml", 0o644, render("node/kube-scheduler.yaml", &mctx)?));
+            files.push(file("/etc/haproxy/haproxy.cfg", 0o644, render("node/haproxy.cfg", &mctx)?));
+            let mut keepalived = file("/etc/keepalived/keepalived.conf", 0o644, render("node/keepalived.conf", &mctx)?);
+            keepalived.expand = true;
+            files.push(keepalived);
+            files.push(file(
+                "/etc/kubernetes/controller-manager.conf",
+                0o600,
+                self.kubeconfig(&local, "system:kube-controller-manager", CertPurpose::ControllerManager),
+            ));
+            files.push(file(
+                "/etc/kubernetes/scheduler.conf",
+                0o600,
+                self.kubeconfig(&local, "system:kube-scheduler", CertPurpose::Scheduler),
+            ));
+            files.push(file(
+                "/etc/kubernetes/admin.conf",
+                0o600,
+                self.kubeconfig(&vip_url, "kubernetes-admin", CertPurpose::Admin),
+            ));
+            // haproxy binds the VIP on every master, also where keepalived has not put it.
+            sysctls.insert("net.ipv4.ip_nonlocal_bind".into(), "1".into());
+            units.extend([
+                unit("kube-apiserver.service", true, true),
+                unit("kube-controller-manager.service", true, true),
+                unit("kube-scheduler.service", true, true),
+                unit("haproxy.service", true, true),
+                unit("keepalived.service", true, true),
+            ]);
         }
+        if !kubelet {
+            modules.retain(|m| m == "overlay");
+        }
+        let sctx = json!({"sysctls": sysctls, "modules": modules});
+        files.push(file("/etc/sysctl.d/90-kubernetes.conf", 0o644, render("node/sysctl.conf", &sctx)?));
+        files.push(file("/etc/modules-load.d/kubernetes.conf", 0o644, render("node/modules.conf", &sctx)?));
+
         let certs = CertPurpose::ALL
             .into_iter()
-            .filter(|p| leaf_spec(*p, &self.cluster, &ident).is_some())
+            .filter(|p| leaf_spec(*p, c, node).is_some())
             .map(|purpose| {
                 let (cert_path, key_path) = paths::cert_paths(purpose);
                 CertSpec { purpose, key_path: key_path.into(), cert_path: cert_path.into(), owner: None }
             })
             .collect();
-        let join = match node.role {
-            Role::Etcd => None,
-            _ => Some(JoinSpec {
-                api_server: self.cluster.api.url(),
-                node_name: node.name.clone(),
-                token: self.join_token()?,
-                ca_pin: fleet.cas.cluster.pin(),
-                discovery: node.role == Role::Worker,
-                kubelet_unit: "kubelet.service".into(),
-                bootstrap_kubeconfig: kube::kubeconfig(
-                    &self.cluster.name,
-                    &self.cluster.api.url(),
-                    kube::CaRef::File("/etc/kubernetes/pki/ca.crt"),
-                    "kubelet-bootstrap",
-                    kube::Auth::Token(&self.join_token()?.expose()),
-                ),
-                node_labels: Default::default(),
-                node_taints: vec![],
-                control_plane: None,
+        let join = kubelet.then(|| JoinSpec {
+            api_server: vip_url.clone(),
+            node_name: node.name.clone(),
+            token: inputs.join_token.clone(),
+            ca_pin: inputs.ca_pin,
+            discovery: node.role == Role::Worker,
+            kubelet_unit: "kubelet.service".into(),
+            bootstrap_kubeconfig: kube::kubeconfig(
+                &c.name,
+                &vip_url,
+                kube::CaRef::File("/etc/kubernetes/pki/ca.crt"),
+                "kubelet-bootstrap",
+                kube::Auth::Token(&inputs.join_token.expose()),
+            ),
+            node_labels: if master {
+                BTreeMap::from([
+                    ("node-role.kubernetes.io/master".into(), String::new()),
+                    ("node-role.kubernetes.io/control-plane".into(), String::new()),
+                ])
+            } else {
+                BTreeMap::new()
+            },
+            node_taints: Vec::new(),
+            control_plane: master.then(|| {
+                let (etcd_cert, etcd_key) = paths::cert_paths(CertPurpose::EtcdHealthcheckClient);
+                let (admin_cert, admin_key) = paths::cert_paths(CertPurpose::Admin);
+                ControlPlaneCheck {
+                    etcd_url: "https://127.0.0.1:2379".into(),
+                    etcd_ca: "/etc/kubernetes/pki/etcd/ca.crt".into(),
+                    etcd_cert: etcd_cert.into(),
+                    etcd_key: etcd_key.into(),
+                    apiserver_url: format!("https://{}:6443", node_ip.clone().unwrap_or_default()),
+                    ca: "/etc/kubernetes/pki/ca.crt".into(),
+                    admin_cert: admin_cert.into(),
+                    admin_key: admin_key.into(),
+                }
             }),
-        };
+        });
         Ok(NodeConfig {
             node: NodeAssignment { name: node.name.clone(), role: node.role },
-            kubernetes_version,
-            host: HostSetup { hostname: node.name.clone(), ..Default::default() },
+            kubernetes_version: inputs.version.to_string(),
+            host: HostSetup {
+                hostname: node.name.clone(),
+                sysctls,
+                modules,
+                swap_off: kubelet,
+                data_disks: vec![],
+                network: None,
+                interface_mac: inventory.and_then(|n| n.mac.as_ref()).map(ToString::to_string),
+                interface_address: node_ip,
+            },
             files,
             certs,
-            units: vec![],
+            units,
             join,
         })
     }
 }
 
-fn file(path: &str, mode: u32, contents: &str) -> FileSpec {
-    FileSpec { path: path.into(), mode, owner: None, contents: contents.into() }
+/// What a node's config depends on besides the cluster and the node record.
+pub struct NodeInputs {
+    pub version: KubeVersion,
+    pub containerd2: bool,
+    pub join_token: firstboot::BootstrapToken,
+    pub ca_pin: firstboot::pin::CaPin,
 }

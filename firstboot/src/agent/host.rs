@@ -66,6 +66,11 @@ impl Host for RealHost {
         if self.path(&format!("/sys/module/{name}")).exists() {
             return Ok(());
         }
+        // A container shares the host's kernel: which modules it has is the host's business.
+        if super::identity::in_container(&self.root) {
+            tracing::info!("kernel module {name}: left to the host (this node is a container)");
+            return Ok(());
+        }
         // Dependencies and compressed modules are kmod's business.
         let out = std::process::Command::new("modprobe")
             .arg(name)
@@ -114,6 +119,33 @@ impl Host for RealHost {
             .map(|_| ())
             .map_err(|e| err(e.to_string()))
     }
+}
+
+/// How the tree at `root` is mounted, as the node reports it: the file system of `/` and
+/// whether it refuses writes (an immutable image's root must), tried for real with a probe file
+/// in `/usr`.
+pub fn root_layout(root: &Path) -> String {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let target = root.to_string_lossy();
+    // The last mount on a path is the one in effect.
+    let fstype = mounts
+        .lines()
+        .rev()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1) == Some(&target.as_ref())).then(|| f.get(2).map(|t| t.to_string())).flatten()
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let probe = paths::under(root, "/usr/.firstboot-write-probe");
+    let writes = match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            "accepts writes".to_string()
+        }
+        Err(e) if e.raw_os_error() == Some(nix::libc::EROFS) => "refuses writes (read-only)".to_string(),
+        Err(e) => format!("refuses writes ({e})"),
+    };
+    format!("root {fstype}, {writes}")
 }
 
 fn is_mountpoint(p: &Path) -> bool {

@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use crate::paths;
-use crate::proto::MachineIdentity;
+use crate::proto::{HostSetup, MachineIdentity};
 
 pub trait IdentitySource: Send + Sync {
     fn name(&self) -> &'static str;
@@ -29,7 +29,7 @@ impl IdentitySource for Dmi {
     }
     fn identify(&self, root: &Path) -> MachineIdentity {
         // In a container (systemd writes /run/systemd/container) DMI is the host's.
-        if paths::under(root, "/run/systemd/container").exists() {
+        if in_container(root) {
             return MachineIdentity::default();
         }
         let uuid = read_trimmed(&paths::under(root, paths::DMI_PRODUCT_UUID))
@@ -128,6 +128,36 @@ pub fn identify(root: &Path, sources: &[Box<dyn IdentitySource>]) -> MachineIden
     id
 }
 
+/// Whether this tree runs in a container (systemd-nspawn, podman, ...): the kernel, DMI and
+/// kernel modules are the host's.
+pub fn in_container(root: &Path) -> bool {
+    paths::under(root, "/run/systemd/container").exists()
+}
+
+/// The name of the node's NIC: the one with the inventory's MAC, else the one that carries the
+/// node's address (`ADDR` or `ADDR/PREFIX`).
+pub fn node_interface(root: &Path, host: &HostSetup) -> Option<String> {
+    if let Some(mac) = &host.interface_mac {
+        let dir = paths::under(root, paths::NET_CLASS);
+        let found = std::fs::read_dir(&dir).into_iter().flatten().flatten().find(|e| {
+            read_trimmed(&e.path().join("address")).is_some_and(|a| a.eq_ignore_ascii_case(mac))
+                && read_trimmed(&e.path().join("type")).as_deref() == Some("1")
+        });
+        if let Some(e) = found {
+            return Some(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    let want: std::net::IpAddr = host.interface_address.as_deref()?.split('/').next()?.parse().ok()?;
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
+        let ip = ifa.address.as_ref().and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| std::net::IpAddr::V4(v4.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
+        })?;
+        (ip == want).then_some(ifa.interface_name)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +201,19 @@ mod tests {
         let id = identify(d.path(), &default_sources());
         assert_eq!(id.uuid, None);
         assert_eq!(id.key(), "macs:52:54:00:03:01:11");
+    }
+
+    #[test]
+    fn the_node_interface_is_found_by_mac_then_address() {
+        let d = tempfile::tempdir().unwrap();
+        nic(d.path(), "cni0", "02:aa:bb:cc:dd:ef", "1", "2");
+        nic(d.path(), "enp1s0", "52:54:00:03:01:11", "1", "0");
+        let by_mac = HostSetup { interface_mac: Some("52:54:00:03:01:11".into()), ..Default::default() };
+        assert_eq!(node_interface(d.path(), &by_mac).as_deref(), Some("enp1s0"));
+        let unknown = HostSetup { interface_mac: Some("52:54:00:03:01:99".into()), ..Default::default() };
+        assert_eq!(node_interface(d.path(), &unknown), None);
+        // Every machine has a loopback interface carrying 127.0.0.1.
+        let by_address = HostSetup { interface_address: Some("127.0.0.1/8".into()), ..Default::default() };
+        assert_eq!(node_interface(d.path(), &by_address).as_deref(), Some("lo"));
     }
 }

@@ -45,6 +45,9 @@ pub struct Options {
     pub backoff: Backoff,
     /// Test hook: abort the process (like a power cut) at this point.
     pub crash: Option<Crash>,
+    /// Print each phase's outcome on stdout (the unit sends it to the console), for whoever
+    /// watches the machine's console.
+    pub console: bool,
 }
 
 impl Options {
@@ -57,6 +60,7 @@ impl Options {
             join: true,
             backoff: Backoff::default(),
             crash: None,
+            console: false,
         }
     }
 }
@@ -201,6 +205,9 @@ impl<H: Host, S: Systemd> Agent<H, S> {
     }
 
     fn report(&mut self, phase: Phase, status: PhaseStatus, message: &str, started_at: OffsetDateTime) {
+        if self.opts.console {
+            println!("firstboot: {phase}: {}: {message}", status.as_str());
+        }
         let r = Report {
             phase,
             status,
@@ -320,10 +327,11 @@ impl<H: Host, S: Systemd> Agent<H, S> {
             self.static_network(net).await?;
         }
         let message = format!(
-            "machine {} ({} MACs), payload from {from}, servers {}",
+            "machine {} ({} MACs), payload from {from}, servers {}; {}",
             identity.key(),
             identity.macs.len(),
-            config.servers.join(",")
+            config.servers.join(","),
+            host::root_layout(&root)
         );
         self.record.identity = Some(identity);
         self.record.boot_config = Some(config);
@@ -420,8 +428,21 @@ impl<H: Host, S: Systemd> Agent<H, S> {
                 mode: 0o644,
                 owner: spec.owner.clone(),
                 contents: issued.cert.clone(),
+                expand: false,
             })
         });
+        // Only the node knows what its NIC is called.
+        let interface = if config.files.iter().any(|f| f.expand) {
+            Some(identity::node_interface(root, &config.host).ok_or_else(|| {
+                format!(
+                    "no network interface with MAC {} or address {}",
+                    config.host.interface_mac.as_deref().unwrap_or("-"),
+                    config.host.interface_address.as_deref().unwrap_or("-")
+                )
+            })?)
+        } else {
+            None
+        };
         for f in config.files.iter().cloned().chain(cert_files) {
             if !f.path.starts_with('/') || f.path.split('/').any(|c| c == "..") {
                 return Err(format!("refusing to write {}: not an absolute path without '..'", f.path));
@@ -430,10 +451,17 @@ impl<H: Host, S: Systemd> Agent<H, S> {
             let owner = resolve_owner(root, f.owner.as_deref())?;
             ensure_dir(path.parent().expect("absolute path has a parent"), 0o755)
                 .map_err(|e| format!("{}: {e}", f.path))?;
-            write_atomic(&path, f.contents.as_bytes(), f.mode, owner).map_err(|e| format!("{}: {e}", f.path))?;
+            let contents = match (&interface, f.expand) {
+                (Some(name), true) => f.contents.replace(INTERFACE_PLACEHOLDER, name),
+                _ => f.contents,
+            };
+            write_atomic(&path, contents.as_bytes(), f.mode, owner).map_err(|e| format!("{}: {e}", f.path))?;
             n += 1;
         }
-        Ok(format!("wrote {n} files"))
+        Ok(match interface {
+            Some(name) => format!("wrote {n} files (interface {name})"),
+            None => format!("wrote {n} files"),
+        })
     }
 
     fn host_setup(&mut self) -> PhaseResult {
@@ -467,7 +495,8 @@ impl<H: Host, S: Systemd> Agent<H, S> {
         self.systemd.enable(&enable).await.map_err(|e| e.to_string())?;
         let mut started = Vec::new();
         for u in units.iter().filter(|u| u.start) {
-            self.systemd.start(&u.name).await.map_err(|e| e.to_string())?;
+            if u.restart { self.systemd.restart(&u.name).await } else { self.systemd.start(&u.name).await }
+                .map_err(|e| e.to_string())?;
             started.push(u.name.as_str());
         }
         Ok(if started.is_empty() { "no units to start".into() } else { format!("started {}", started.join(", ")) })
