@@ -49,7 +49,8 @@ pub struct BakeArgs {
     /// The firstboot binary to install (default: the one next to this imgbuild)
     #[arg(long, value_name = "FILE")]
     pub firstboot: Option<PathBuf>,
-    /// Rebuild the base tree even if the cache has it
+    /// Rebuild the role's base tree even if the cache has it (a reproducibility check: the
+    /// result must be byte-identical)
     #[arg(long)]
     pub fresh_tree: bool,
 }

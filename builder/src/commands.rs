@@ -8,6 +8,7 @@ use time::OffsetDateTime;
 
 use crate::cli::{Global, InitArgs, TokenCommand, TokenCreateArgs, ValidateArgs};
 use crate::cluster::{Cluster, parse_duration};
+use crate::image::BakeError;
 use crate::state::{self, State};
 use crate::tokens::{NewToken, TokenState, TokenUsage};
 
@@ -34,8 +35,29 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         if let Some(state::StateError::Missing(_)) = cause.downcast_ref::<state::StateError>() {
             return exit::MISSING;
         }
+        if let Some(code) = image_exit_code(cause) {
+            return code;
+        }
     }
     exit::ERROR
+}
+
+/// Exit codes of the image commands (bake, lock, fetch), whose errors may come bare or wrapped.
+fn image_exit_code(cause: &(dyn std::error::Error + 'static)) -> Option<u8> {
+    use crate::image::{cache::CacheError, definition::DefinitionError, lock::LockError};
+    if cause.is::<DefinitionError>() {
+        return Some(exit::INVALID_INPUT);
+    }
+    if cause.is::<CacheError>() || matches!(cause.downcast_ref(), Some(LockError::Unreachable { .. })) {
+        return Some(exit::FETCH);
+    }
+    // BakeError's wrapping variants are transparent: the wrapped error is not a cause of its own.
+    match cause.downcast_ref::<BakeError>()? {
+        BakeError::Definition(_) | BakeError::Role { .. } | BakeError::Version { .. } => Some(exit::INVALID_INPUT),
+        BakeError::Tool { .. } | BakeError::Firstboot(_) => Some(exit::MISSING),
+        BakeError::Cache(_) | BakeError::Lock(LockError::Cache(_) | LockError::Unreachable { .. }) => Some(exit::FETCH),
+        _ => None,
+    }
 }
 
 /// A user-supplied value that is not valid; maps to exit code 3.

@@ -159,22 +159,11 @@ pub async fn prepare(
     Ok((def, lock, cache, lock_sha256))
 }
 
-/// Fills the cache with every input of these roles (downloads in parallel, verified).
+/// Fills the cache with every input of these roles (downloads in parallel, verified). The
+/// components come first: they are few, often local files, and a wrong pin should fail the
+/// build before minutes of package downloads.
 pub async fn fetch(def: &Definition, lock: &Lock, cache: &Cache, roles: &[Role]) -> Result<(), BakeError> {
     lock::keyring(def, cache).await?;
-    let packages: Vec<_> = lock.packages.iter().filter(|p| p.roles.iter().any(|r| roles.contains(r))).collect();
-    let results: Vec<Result<String, cache::CacheError>> = futures_util::stream::iter(packages)
-        .map(|p| async move {
-            cache
-                .fetch(&format!("{} {}", p.name, p.version), &p.url, &Digest::Sha256(p.sha256.clone()), Some(p.size))
-                .await
-        })
-        .buffer_unordered(4)
-        .collect()
-        .await;
-    for r in results {
-        r?;
-    }
     for c in def.components.iter().filter(|c| roles.iter().any(|r| c.for_role(*r))) {
         let locked = lock
             .component(&c.name)
@@ -190,6 +179,19 @@ pub async fn fetch(def: &Definition, lock: &Lock, cache: &Cache, roles: &[Role])
                 .into());
             }
         }
+    }
+    let packages: Vec<_> = lock.packages.iter().filter(|p| p.roles.iter().any(|r| roles.contains(r))).collect();
+    let results: Vec<Result<String, cache::CacheError>> = futures_util::stream::iter(packages)
+        .map(|p| async move {
+            cache
+                .fetch(&format!("{} {}", p.name, p.version), &p.url, &Digest::Sha256(p.sha256.clone()), Some(p.size))
+                .await
+        })
+        .buffer_unordered(4)
+        .collect()
+        .await;
+    for r in results {
+        r?;
     }
     Ok(())
 }
@@ -227,10 +229,7 @@ pub fn bake_role(
     std::fs::create_dir_all(&work).map_err(|e| BakeError::Io(e.to_string()))?;
     let mut t = Instant::now();
 
-    if opts.fresh_tree {
-        let _ = std::fs::remove_dir_all(cache.root.join("trees"));
-    }
-    let base = tree::base_tree(def, lock, role, cache, epoch, &work)?;
+    let base = tree::base_tree(def, lock, role, cache, epoch, &work, opts.fresh_tree)?;
     step("base tree", &mut t);
     let root = tree::role_tree(def, lock, role, &base, cache, &opts.firstboot, &work)?;
     step("role tree", &mut t);

@@ -39,7 +39,7 @@ fn base_key(def: &Definition, lock: &Lock, role: Role, epoch: i64) -> String {
     for (path, contents, mode) in embedded::IMAGE_FILES {
         let _ = writeln!(s, "file {path} {mode:o} {}", sha256_hex(contents.as_bytes()));
     }
-    let _ = writeln!(s, "enable {ENABLE:?} disable {DISABLE:?}");
+    let _ = writeln!(s, "customize {}", sha256_hex(customize_script(def).as_bytes()));
     sha256_hex(s.as_bytes())
 }
 
@@ -60,6 +60,10 @@ ln -sf "boot/initrd.img-$kver" initrd.img
 systemctl --root="$root" enable {enable} >/dev/null 2>&1
 for u in {disable}; do systemctl --root="$root" disable "$u" >/dev/null 2>&1 || true; done
 systemctl --root="$root" enable docker.socket >/dev/null 2>&1 || true
+# apt as an operator expects it: the definition's mirror, not the bake's local repository.
+cat > etc/apt/sources.list <<'SOURCES'
+{sources}
+SOURCES
 # No identity and no secret in an image: machine-id, host keys and hostname come at first boot.
 : > etc/machine-id
 rm -f var/lib/dbus/machine-id etc/ssh/ssh_host_* etc/hostname
@@ -67,6 +71,7 @@ ln -sf ../run/systemd/resolve/stub-resolv.conf etc/resolv.conf
 rm -rf var/log/* var/cache/apt/* var/lib/apt/lists/* var/cache/debconf/*-old var/lib/dpkg/*-old tmp/*
 "#,
         trim = trim.join("\n"),
+        sources = def.sources(Path::new(&def.base.keyring.path)).join("\n"),
         enable = ENABLE.join(" "),
         disable = DISABLE.join(" "),
     )
@@ -83,7 +88,8 @@ fn stage_image_files(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The role's base tree, from the cache or built now. Returns its path (read it, do not change it).
+/// The role's base tree, from the cache (unless `fresh`) or built now. Returns its path (read
+/// it, do not change it).
 pub fn base_tree(
     def: &Definition,
     lock: &Lock,
@@ -91,10 +97,11 @@ pub fn base_tree(
     cache: &Cache,
     epoch: i64,
     work: &Path,
+    fresh: bool,
 ) -> Result<PathBuf, BakeError> {
     let key = base_key(def, lock, role, epoch);
     let dir = cache.root.join("trees").join(&key);
-    if dir.join(".complete").exists() {
+    if !fresh && dir.join(".complete").exists() {
         tracing::info!("{role}: base tree from the cache ({})", &key[..12]);
         return Ok(dir.join("root"));
     }
