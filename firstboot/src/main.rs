@@ -1,5 +1,6 @@
 //! firstboot: run once at a node's first boot by `firstboot.service`.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -49,7 +50,14 @@ fn init_logging(verbose: u8) {
         Ok(journald) if std::env::var_os("JOURNAL_STREAM").is_some() => {
             registry.with(journald.with_syslog_identifier("firstboot".into())).init()
         }
-        _ => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false)).init(),
+        _ => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_target(false),
+            )
+            .init(),
     }
 }
 

@@ -235,8 +235,10 @@ impl ConfigSource for QemuFwCfg {
     }
     fn load(&self, root: &Path) -> Result<Option<Found>, SourceError> {
         let path = paths::under(root, FW_CFG_IGNITION);
-        if !path.exists() && root == Path::new("/") && Path::new("/sys/firmware/qemu_fw_cfg").exists() {
-            // The module is there but may not be loaded.
+        let on_qemu = std::fs::read_to_string("/sys/class/dmi/id/sys_vendor").is_ok_and(|v| v.trim() == "QEMU");
+        if !path.exists() && root == Path::new("/") && on_qemu {
+            // /sys/firmware/qemu_fw_cfg appears once the module is loaded, which udev may not
+            // have done yet.
             let _ = std::process::Command::new("modprobe").arg("qemu_fw_cfg").status();
         }
         match std::fs::read_to_string(&path) {
