@@ -56,13 +56,19 @@ fn describe(c: &NodeConfig) -> String {
     s
 }
 
-#[test]
-fn golden_node_configs_for_production_and_testbed_versions() {
+/// The server's renderer for the reference cluster, with a fresh state dir.
+fn reference() -> (tempfile::TempDir, Cluster, Renderer) {
     let dir = tempfile::tempdir().unwrap();
     let cluster = Cluster::parse(DEFAULT_MANIFEST, "cluster.yaml").unwrap();
     let st = State::new(dir.path().join("state"));
     state::init(&st, &cluster, &[]).unwrap();
     let r = Renderer::new(&st, &cluster).unwrap();
+    (dir, cluster, r)
+}
+
+#[test]
+fn golden_node_configs_for_production_and_testbed_versions() {
+    let (_dir, cluster, r) = reference();
     for (version, containerd2) in [("v1.20.2", false), ("v1.34.7", true)] {
         for name in ["k8s-master1", "k8s-worker1"] {
             let c = render(&r, &cluster, name, version, containerd2);
@@ -73,11 +79,7 @@ fn golden_node_configs_for_production_and_testbed_versions() {
 
 #[test]
 fn workers_get_no_keys_and_masters_see_the_whole_control_plane() {
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::parse(DEFAULT_MANIFEST, "cluster.yaml").unwrap();
-    let st = State::new(dir.path().join("state"));
-    state::init(&st, &cluster, &[]).unwrap();
-    let r = Renderer::new(&st, &cluster).unwrap();
+    let (_dir, cluster, r) = reference();
 
     let w = render(&r, &cluster, "k8s-worker2", "v1.20.2", false);
     for f in &w.files {

@@ -101,6 +101,16 @@ fn render(name: &str, ctx: &Value) -> Result<String, ApiError> {
     })
 }
 
+/// A file (0644) rendered from a template.
+fn rendered(path: &str, template: &str, ctx: &Value) -> Result<FileSpec, ApiError> {
+    Ok(file(path, 0o644, render(template, ctx)?))
+}
+
+/// A systemd unit rendered from `node/NAME` into the units directory.
+fn unit_file(name: &str, ctx: &Value) -> Result<FileSpec, ApiError> {
+    rendered(&format!("{}/{name}", paths::SYSTEMD_DIR), &format!("node/{name}"), ctx)
+}
+
 impl Renderer {
     pub fn new(state: &State, cluster: &Cluster) -> Result<Self> {
         let pki = state.pki_dir();
@@ -229,15 +239,11 @@ impl Renderer {
                 .collect();
             let mut rctx = ctx.clone();
             rctx["routes"] = Value::Array(routes);
-            files.push(file(
-                "/etc/systemd/system/imgbuild-pod-routes.service",
-                0o644,
-                render("node/pod-routes.service", &rctx)?,
-            ));
-            files.push(file("/etc/containerd/config.toml", 0o644, render("node/containerd-config.toml", &ctx)?));
-            files.push(file("/etc/cni/net.d/10-imgbuild.conflist", 0o644, render("node/cni.conflist", &ctx)?));
-            files.push(file("/var/lib/kubelet/config.yaml", 0o644, render("node/kubelet-config.yaml", &ctx)?));
-            files.push(file("/etc/systemd/system/kubelet.service", 0o644, render("node/kubelet.service", &ctx)?));
+            files.push(unit_file("imgbuild-pod-routes.service", &rctx)?);
+            files.push(rendered("/etc/containerd/config.toml", "node/containerd-config.toml", &ctx)?);
+            files.push(rendered("/etc/cni/net.d/10-imgbuild.conflist", "node/cni.conflist", &ctx)?);
+            files.push(rendered("/var/lib/kubelet/config.yaml", "node/kubelet-config.yaml", &ctx)?);
+            files.push(unit_file("kubelet.service", &ctx)?);
             for mode in ["ipvs", "iptables"] {
                 let mut pctx = ctx.clone();
                 pctx["mode"] = mode.into();
@@ -247,7 +253,7 @@ impl Renderer {
                     render("node/kube-proxy-config.yaml", &pctx)?,
                 ));
             }
-            files.push(file("/etc/systemd/system/kube-proxy.service", 0o644, render("node/kube-proxy.service", &ctx)?));
+            files.push(unit_file("kube-proxy.service", &ctx)?);
             files.push(file(
                 "/etc/kubernetes/kube-proxy.conf",
                 0o600,
@@ -267,7 +273,7 @@ impl Renderer {
             let mut ectx = ctx.clone();
             ectx["initial_cluster"] = initial.join(",").into();
             files.push(file("/etc/kubernetes/pki/etcd/ca.crt", 0o644, self.ca_pem(CaKind::Etcd)));
-            files.push(file("/etc/systemd/system/etcd.service", 0o644, render("node/etcd.service", &ectx)?));
+            files.push(unit_file("etcd.service", &ectx)?);
             units.insert(0, unit("etcd.service", true, true));
         }
         if master {
@@ -293,24 +299,12 @@ impl Renderer {
             for s in &self.master_secrets {
                 files.push(file(s.node_path, 0o600, &s.contents));
             }
-            files.push(file(
-                "/etc/systemd/system/kube-apiserver.service",
-                0o644,
-                render("node/kube-apiserver.service", &mctx)?,
-            ));
-            files.push(file(
-                "/etc/systemd/system/kube-controller-manager.service",
-                0o644,
-                render("node/kube-controller-manager.service", &mctx)?,
-            ));
-            files.push(file(
-                "/etc/systemd/system/kube-scheduler.service",
-                0o644,
-                render("node/kube-scheduler.service", &mctx)?,
-            ));
-            files.push(file("/etc/kubernetes/kube-scheduler.yaml", 0o644, render("node/kube-scheduler.yaml", &mctx)?));
-            files.push(file("/etc/haproxy/haproxy.cfg", 0o644, render("node/haproxy.cfg", &mctx)?));
-            let mut keepalived = file("/etc/keepalived/keepalived.conf", 0o644, render("node/keepalived.conf", &mctx)?);
+            files.push(unit_file("kube-apiserver.service", &mctx)?);
+            files.push(unit_file("kube-controller-manager.service", &mctx)?);
+            files.push(unit_file("kube-scheduler.service", &mctx)?);
+            files.push(rendered("/etc/kubernetes/kube-scheduler.yaml", "node/kube-scheduler.yaml", &mctx)?);
+            files.push(rendered("/etc/haproxy/haproxy.cfg", "node/haproxy.cfg", &mctx)?);
+            let mut keepalived = rendered("/etc/keepalived/keepalived.conf", "node/keepalived.conf", &mctx)?;
             keepalived.expand = true;
             files.push(keepalived);
             files.push(file(
@@ -342,8 +336,8 @@ impl Renderer {
             modules.retain(|m| m == "overlay");
         }
         let sctx = json!({"sysctls": sysctls, "modules": modules});
-        files.push(file("/etc/sysctl.d/90-kubernetes.conf", 0o644, render("node/sysctl.conf", &sctx)?));
-        files.push(file("/etc/modules-load.d/kubernetes.conf", 0o644, render("node/modules.conf", &sctx)?));
+        files.push(rendered("/etc/sysctl.d/90-kubernetes.conf", "node/sysctl.conf", &sctx)?);
+        files.push(rendered("/etc/modules-load.d/kubernetes.conf", "node/modules.conf", &sctx)?);
 
         let certs = CertPurpose::ALL
             .into_iter()
