@@ -64,10 +64,10 @@ impl LockedPackage {
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error(
-        "cannot reach the {distribution} mirror {mirror}: {reason}\n  this machine may not reach it: bake with `--image images/debian-12.toml`, \
+        "{definition}: cannot reach {mirror} for {what}: {reason}\n  this machine may not reach it: bake with `--image images/debian-12.toml`, \
          or on an air-gapped site fill the cache elsewhere (`imgbuild fetch`) and build with --offline"
     )]
-    Unreachable { distribution: String, mirror: String, reason: String },
+    Unreachable { definition: String, what: String, mirror: String, reason: String },
     #[error("apt could not resolve the packages of the {role} image: {reason}")]
     Resolve { role: Role, reason: String },
     #[error("{path} is not a lock file: {reason}")]
@@ -214,10 +214,9 @@ impl Apt {
 
     pub fn update(&self) -> Result<(), String> {
         let mut c = self.cmd("apt-get");
-        c.args(["-q", "update"]);
-        let out = self.run(c)?;
-        let _ = out;
-        Ok(())
+        // Without --error-on=any, apt-get update exits 0 when it could fetch nothing at all.
+        c.args(["-q", "update", "--error-on=any"]);
+        self.run(c).map(|_| ())
     }
 
     fn dumpavail(&self) -> Result<Vec<Stanza>, String> {
@@ -275,7 +274,8 @@ pub async fn keyring(def: &Definition, cache: &Cache) -> Result<PathBuf, LockErr
     let apt =
         Apt::new(&[format!("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {mirror} {suite} main")])?;
     apt.update().map_err(|reason| LockError::Unreachable {
-        distribution: "debian".into(),
+        definition: def.name.clone(),
+        what: format!("its archive keyring (package {package})"),
         mirror: mirror.into(),
         reason,
     })?;
@@ -315,7 +315,8 @@ pub async fn resolve(def: &Definition, definition_text: &str, cache: &Cache) -> 
     let keyring = keyring(def, cache).await?;
     let apt = Apt::new(&def.sources(&keyring))?;
     apt.update().map_err(|reason| LockError::Unreachable {
-        distribution: def.base.distribution.clone(),
+        definition: def.name.clone(),
+        what: format!("its {} packages", def.base.distribution),
         mirror: def.base.mirror.clone(),
         reason,
     })?;
