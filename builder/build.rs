@@ -23,7 +23,10 @@ fn walk(dir: &Path, base: &Path, out: &mut Vec<(String, String, u32)>) {
 
 /// Embeds `manifests/<dir>` as a static slice `name` of (path, contents[, mode]).
 fn embed(dir: &str, name: &str, with_mode: bool) -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests").join(dir);
+    // Read when the script runs, not when it was compiled: a target directory shared between
+    // checkouts reuses the compiled script.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let root = Path::new(&manifest_dir).join("../manifests").join(dir);
     println!("cargo:rerun-if-changed={}", root.display());
     let mut files = Vec::new();
     walk(&root, &root, &mut files);

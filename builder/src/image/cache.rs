@@ -48,23 +48,37 @@ pub enum CacheError {
     },
 }
 
-fn hex(b: &[u8]) -> String {
+/// Lower-case hex of a digest.
+pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Feeds a file to `f`, a MiB at a time.
+fn each_block(path: &Path, mut f: impl FnMut(&[u8])) -> std::io::Result<()> {
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf)? {
+            0 => return Ok(()),
+            n => f(&buf[..n]),
+        }
+    }
+}
+
+/// A file's SHA-256 (hex): what manifests and `.mf` files name outputs by.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut s256 = digest::Context::new(&digest::SHA256);
+    each_block(path, |b| s256.update(b))?;
+    Ok(hex(s256.finish().as_ref()))
 }
 
 /// Both digests of a file.
 pub fn digest_file(path: &Path) -> std::io::Result<(String, String)> {
-    let mut f = std::fs::File::open(path)?;
     let (mut s256, mut s512) = (digest::Context::new(&digest::SHA256), digest::Context::new(&digest::SHA512));
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        s256.update(&buf[..n]);
-        s512.update(&buf[..n]);
-    }
+    each_block(path, |b| {
+        s256.update(b);
+        s512.update(b);
+    })?;
     Ok((hex(s256.finish().as_ref()), hex(s512.finish().as_ref())))
 }
 

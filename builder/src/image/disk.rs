@@ -5,7 +5,7 @@
 //! is derived from the image's inputs and every timestamp is SOURCE_DATE_EPOCH, so the same
 //! inputs give the same bytes.
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
@@ -171,29 +171,43 @@ pub fn state(out: &Path, ids: &Ids, size: u64, epoch: i64) -> Result<(), BakeErr
     .map(|_| ())
 }
 
-/// Copies `src` into `disk` at `offset`, leaving all-zero blocks as holes.
-fn copy_sparse(src: &Path, disk: &mut std::fs::File, offset: u64) -> std::io::Result<()> {
-    let mut f = std::fs::File::open(src)?;
-    let mut buf = vec![0u8; MIB as usize];
-    let mut pos = offset;
-    loop {
-        let mut n = 0;
-        while n < buf.len() {
-            let r = f.read(&mut buf[n..])?;
-            if r == 0 {
-                break;
-            }
-            n += r;
-        }
-        if n == 0 {
-            return Ok(());
-        }
-        if buf[..n].iter().any(|b| *b != 0) {
-            disk.seek(SeekFrom::Start(pos))?;
-            disk.write_all(&buf[..n])?;
-        }
-        pos += n as u64;
+/// The byte ranges of a file that hold data (SEEK_DATA/SEEK_HOLE); holes read as zeros and need
+/// not be read at all. The whole file where the filesystem cannot say.
+pub fn data_extents(f: &std::fs::File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use nix::unistd::{Whence, lseek};
+    let mut extents = Vec::new();
+    let mut at = 0i64;
+    while (at as u64) < len {
+        let start = match lseek(f, at, Whence::SeekData) {
+            Ok(s) => s,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(nix::errno::Errno::EINVAL) => return Ok(vec![(0, len)]),
+            Err(e) => return Err(e.into()),
+        };
+        let end = lseek(f, start, Whence::SeekHole).map_err(std::io::Error::from)?;
+        extents.push((start as u64, (end as u64).min(len)));
+        at = end;
     }
+    Ok(extents)
+}
+
+/// Copies `src` into `disk` at `offset`, leaving its holes and all-zero blocks as holes.
+fn copy_sparse(src: &Path, disk: &std::fs::File, offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(src)?;
+    let mut buf = vec![0u8; MIB as usize];
+    for (start, end) in data_extents(&f, f.metadata()?.len())? {
+        let mut at = start;
+        while at < end {
+            let n = (end - at).min(MIB) as usize;
+            f.read_exact_at(&mut buf[..n], at)?;
+            if buf[..n].iter().any(|b| *b != 0) {
+                disk.write_all_at(&buf[..n], offset + at)?;
+            }
+            at += n as u64;
+        }
+    }
+    Ok(())
 }
 
 /// GPT disk: ESP, root, state.
@@ -203,7 +217,7 @@ pub fn assemble(out: &Path, esp: &Path, root: &Path, state: &Path, ids: &Ids) ->
     let (esp_size, root_size, state_size) = (len(esp)?, round_up(len(root)?, MIB), len(state)?);
     let total = MIB + esp_size + root_size + state_size + MIB;
     let _ = std::fs::remove_file(out);
-    let mut disk = std::fs::File::create(out).map_err(|e| BakeError::Io(format!("{}: {e}", out.display())))?;
+    let disk = std::fs::File::create(out).map_err(|e| BakeError::Io(format!("{}: {e}", out.display())))?;
     disk.set_len(total).map_err(|e| BakeError::Io(format!("{}: {e}", out.display())))?;
     let s = |b: u64| b / 512;
     let script = format!(
@@ -233,9 +247,8 @@ pub fn assemble(out: &Path, esp: &Path, root: &Path, state: &Path, ids: &Ids) ->
         return Err(BakeError::Io(format!("sfdisk: {}", String::from_utf8_lossy(&o.stderr))));
     }
     for (img, at) in [(esp, MIB), (root, MIB + esp_size), (state, MIB + esp_size + root_size)] {
-        copy_sparse(img, &mut disk, at).map_err(|e| BakeError::Io(format!("{}: {e}", img.display())))?;
+        copy_sparse(img, &disk, at).map_err(|e| BakeError::Io(format!("{}: {e}", img.display())))?;
     }
-    disk.sync_all().map_err(|e| BakeError::Io(e.to_string()))?;
     Ok(total)
 }
 

@@ -90,7 +90,7 @@ pub fn lock_path(definition: &Path) -> PathBuf {
 }
 
 pub fn sha256_hex(b: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, b).as_ref().iter().map(|x| format!("{x:02x}")).collect()
+    super::cache::hex(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
 }
 
 impl Lock {

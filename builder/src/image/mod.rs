@@ -11,6 +11,7 @@ pub mod disk;
 pub mod lock;
 pub mod outputs;
 pub mod tree;
+pub mod vmdk;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -205,6 +206,20 @@ impl Drop for Cleanup {
     }
 }
 
+/// Flushes every file and directory under `dir` to disk, before the rename that publishes the
+/// outputs (the big ones are flushed already, as each is finished).
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            sync_tree(&e.path())?;
+        } else {
+            std::fs::File::open(e.path())?.sync_all()?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// Bakes one role (blocking: run it off the async runtime).
 pub fn bake_role(
     def: &Definition,
@@ -235,34 +250,56 @@ pub fn bake_role(
     step("role tree", &mut t);
 
     let ids = disk::Ids::new(&format!("{}/{role}/{lock_sha256}", def.name));
-    let rootfs = work.join("root.erofs");
-    disk::erofs(&root, &rootfs, &ids, epoch)?;
-    step("erofs", &mut t);
-    let esp = work.join("esp.img");
-    disk::esp(&root, &work, &esp, &ids, &disk::kernel_cmdline(&ids), epoch)?;
-    let state = work.join("state.ext4");
-    disk::state(&state, &ids, 1 << 30, epoch)?;
-    step("esp and state", &mut t);
+    let (rootfs, esp, state) = (work.join("root.erofs"), work.join("esp.img"), work.join("state.ext4"));
+    // mkfs.erofs runs on one core; the ESP and the state filesystem are made beside it.
+    std::thread::scope(|s| {
+        let side = s.spawn(|| {
+            disk::esp(&root, &work, &esp, &ids, &disk::kernel_cmdline(&ids), epoch)?;
+            disk::state(&state, &ids, 1 << 30, epoch)
+        });
+        disk::erofs(&root, &rootfs, &ids, epoch)?;
+        side.join().expect("ESP thread panicked").map(|_| ())
+    })?;
+    step("erofs, esp and state", &mut t);
     let raw = tmp.join("disk.raw");
     disk::assemble(&raw, &esp, &rootfs, &state, &ids)?;
     step("disk.raw", &mut t);
-    run(
-        Command::new("qemu-img")
-            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-            .arg(&raw)
-            .arg(tmp.join("disk.qcow2")),
-        "qemu-img",
-    )?;
-    step("disk.qcow2", &mut t);
-    outputs::ova(&raw, &tmp, &work, def, role, epoch)?;
-    step("ova", &mut t);
-    outputs::pxe(&root, &rootfs, &tmp.join("pxe"), def, role)?;
-    step("pxe", &mut t);
-
-    let mut files = vec!["disk.raw".to_string(), "disk.qcow2".to_string(), format!("{role}.ova")];
-    files.extend(["vmlinuz", "initrd.img", "rootfs.erofs", "boot.ipxe"].map(|f| format!("pxe/{f}")));
-    let outputs_list = files.iter().map(|f| outputs::file_entry(&tmp, f)).collect::<Result<Vec<_>, _>>()?;
-    let (fb256, _) = cache::digest_file(&opts.firstboot).map_err(|e| BakeError::Io(e.to_string()))?;
+    // The VMDK's compression takes every core; qcow2 (mostly I/O), the PXE set and the digest and
+    // flush of each finished output go beside it, so hashing and writeback overlap compression.
+    let done = |rel: &str| -> Result<serde_json::Value, BakeError> {
+        let entry = outputs::file_entry(&tmp, rel)?;
+        std::fs::File::open(tmp.join(rel))
+            .and_then(|f| f.sync_all())
+            .map_err(|e| BakeError::Io(format!("{rel}: {e}")))?;
+        Ok(entry)
+    };
+    let pxe_files = ["vmlinuz", "initrd.img", "rootfs.erofs", "boot.ipxe"].map(|f| format!("pxe/{f}"));
+    let outputs_list = std::thread::scope(|s| -> Result<Vec<serde_json::Value>, BakeError> {
+        let raw_entry = s.spawn(|| done("disk.raw"));
+        let side = s.spawn(|| -> Result<Vec<serde_json::Value>, BakeError> {
+            run(
+                Command::new("qemu-img")
+                    .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+                    .arg(&raw)
+                    .arg(tmp.join("disk.qcow2")),
+                "qemu-img",
+            )?;
+            let mut entries = vec![done("disk.qcow2")?];
+            outputs::pxe(&root, &rootfs, &tmp.join("pxe"), def, role)?;
+            for f in &pxe_files {
+                entries.push(done(f)?);
+            }
+            Ok(entries)
+        });
+        outputs::ova(&raw, &tmp, &work, def, role, epoch)?;
+        let ova = done(&format!("{role}.ova"))?;
+        let mut side = side.join().expect("qcow2 thread panicked")?;
+        let mut all = vec![raw_entry.join().expect("digest thread panicked")?, side.remove(0), ova];
+        all.extend(side);
+        Ok(all)
+    })?;
+    step("qcow2, ova, pxe and digests", &mut t);
+    let fb256 = cache::sha256_file(&opts.firstboot).map_err(|e| BakeError::Io(e.to_string()))?;
     let fb =
         serde_json::json!({"sha256": fb256, "size": std::fs::metadata(&opts.firstboot).map(|m| m.len()).unwrap_or(0)});
     let manifest = outputs::manifest(def, lock, role, &fb, lock_sha256, outputs_list, epoch);
@@ -271,9 +308,8 @@ pub fn bake_role(
     let sbom = outputs::sbom(def, lock, role, lock_sha256, epoch);
     std::fs::write(tmp.join("sbom.spdx.json"), serde_json::to_vec_pretty(&sbom).expect("json"))
         .map_err(|e| BakeError::Io(e.to_string()))?;
-    step("manifest and sbom", &mut t);
-
     std::fs::remove_dir_all(&work).map_err(|e| BakeError::Io(e.to_string()))?;
+    sync_tree(&tmp).map_err(|e| BakeError::Io(format!("{}: {e}", tmp.display())))?;
     let dest = opts.out.join(role.as_str());
     let old = opts.out.join(format!(".{role}.old-{}", std::process::id()));
     if dest.exists() {
@@ -281,7 +317,11 @@ pub fn bake_role(
     }
     std::fs::rename(&tmp, &dest).map_err(|e| BakeError::Io(e.to_string()))?;
     std::mem::forget(cleanup);
+    std::fs::File::open(&opts.out).and_then(|d| d.sync_all()).map_err(|e| BakeError::Io(e.to_string()))?;
+    // After the sync that made the new output durable: the old one's blocks are freed (and, on a
+    // filesystem mounted with `discard`, trimmed) by the filesystem's next commit, not waited for.
     let _ = std::fs::remove_dir_all(&old);
+    step("manifest, sbom and publish", &mut t);
     Ok(Baked { role, dir: dest, seconds: start.elapsed().as_secs_f64(), steps })
 }
 

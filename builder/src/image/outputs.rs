@@ -7,10 +7,10 @@ use std::process::Command;
 use firstboot::Role;
 use serde_json::{Value, json};
 
-use super::cache::digest_file;
+use super::cache::sha256_file;
 use super::definition::Definition;
 use super::lock::Lock;
-use super::{BakeError, run};
+use super::{BakeError, run, vmdk};
 use crate::templates;
 
 /// The PXE kernel command line (the root image comes as an initrd: RAM mode).
@@ -37,6 +37,11 @@ pub fn pxe(tree: &Path, rootfs: &Path, dir: &Path, def: &Definition, role: Role)
     std::fs::write(dir.join("boot.ipxe"), script).map_err(|e| BakeError::Io(e.to_string()))
 }
 
+/// zlib level of the OVA's grains. Measured on the master disk (1.7 GiB, 2 cores): level 1 takes
+/// 6.2 s for 536 MiB, level 6 24 s for 502 MiB (qemu-img, level 6 on one core: 50 s); the root
+/// partition is lz4-compressed already, so the higher levels buy little.
+const VMDK_COMPRESSION: flate2::Compression = flate2::Compression::fast();
+
 /// `<role>.ova`: OVF descriptor (with the guestinfo vApp properties), manifest, and a
 /// stream-optimized VMDK, in that order in a ustar archive.
 pub fn ova(
@@ -51,19 +56,14 @@ pub fn ova(
     let stage = work.join("ova");
     std::fs::create_dir_all(&stage).map_err(|e| BakeError::Io(e.to_string()))?;
     let vmdk = format!("{name}-disk1.vmdk");
-    run(
-        Command::new("qemu-img")
-            .args(["convert", "-q", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized"])
-            .arg(disk_raw)
-            .arg(stage.join(&vmdk)),
-        "qemu-img",
-    )?;
+    let written = vmdk::from_raw(disk_raw, &stage.join(&vmdk), &vmdk, VMDK_COMPRESSION)
+        .map_err(|e| BakeError::Io(format!("{vmdk}: {e}")))?;
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     let ovf = templates::render(
         "ova.ovf",
         json!({
             "name": name, "role": role, "image": def.name, "description": def.description,
-            "vmdk": vmdk, "vmdk_size": size(&stage.join(&vmdk)), "capacity": size(disk_raw),
+            "vmdk": vmdk, "vmdk_size": written.size, "capacity": size(disk_raw),
             "guest_os": if def.base.distribution == "ubuntu" { "ubuntu64Guest" } else { "debian12_64Guest" },
             "cpus": 2, "memory_mib": if role == Role::Master { 4096 } else { 2048 },
         }),
@@ -71,11 +71,8 @@ pub fn ova(
     .map_err(|e| BakeError::Io(format!("ova.ovf: {e}")))?;
     let ovf_name = format!("{name}.ovf");
     std::fs::write(stage.join(&ovf_name), ovf).map_err(|e| BakeError::Io(e.to_string()))?;
-    let mut mf = String::new();
-    for f in [&ovf_name, &vmdk] {
-        let (s256, _) = digest_file(&stage.join(f)).map_err(|e| BakeError::Io(e.to_string()))?;
-        mf.push_str(&format!("SHA256({f})= {s256}\n"));
-    }
+    let ovf_sha256 = sha256_file(&stage.join(&ovf_name)).map_err(|e| BakeError::Io(format!("{ovf_name}: {e}")))?;
+    let mf = format!("SHA256({ovf_name})= {ovf_sha256}\nSHA256({vmdk})= {}\n", written.sha256);
     let mf_name = format!("{name}.mf");
     std::fs::write(stage.join(&mf_name), mf).map_err(|e| BakeError::Io(e.to_string()))?;
     run(
@@ -93,7 +90,7 @@ pub fn ova(
 /// A file's entry for manifest.json.
 pub fn file_entry(dir: &Path, rel: &str) -> Result<Value, BakeError> {
     let p = dir.join(rel);
-    let (s256, _) = digest_file(&p).map_err(|e| BakeError::Io(format!("{}: {e}", p.display())))?;
+    let s256 = sha256_file(&p).map_err(|e| BakeError::Io(format!("{}: {e}", p.display())))?;
     let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
     Ok(json!({"path": rel, "sha256": s256, "size": size}))
 }

@@ -157,7 +157,7 @@ pub fn base_tree(
     Ok(dir.join("root"))
 }
 
-/// A writable copy of the base tree with the role's components, firstboot and image.json.
+/// The base tree (hard-linked) with the role's components, firstboot and image.json.
 pub fn role_tree(
     def: &Definition,
     lock: &Lock,
@@ -169,7 +169,13 @@ pub fn role_tree(
 ) -> Result<PathBuf, BakeError> {
     let root = work.join("root");
     let _ = std::fs::remove_dir_all(&root);
-    run(Command::new("cp").args(["-a", "--reflink=auto"]).arg(base).arg(&root), "cp")?;
+    // Hard links where the output is on the cache's filesystem (a copy elsewhere): the role tree
+    // shares the cached base tree's files, so everything below replaces a file (remove, then
+    // create) and never writes into one.
+    if run(Command::new("cp").args(["-a", "--link"]).arg(base).arg(&root), "cp").is_err() {
+        let _ = std::fs::remove_dir_all(&root);
+        run(Command::new("cp").args(["-a", "--reflink=auto"]).arg(base).arg(&root), "cp")?;
+    }
     let io = |what: String, e: std::io::Error| BakeError::Io(format!("{what}: {e}"));
     let mut versions = std::collections::BTreeMap::new();
     for c in def.components.iter().filter(|c| c.for_role(role)) {
@@ -209,6 +215,7 @@ pub fn role_tree(
         ImageInfo { name: def.name.clone(), role, kubernetes_version: def.kubernetes.clone(), components: versions };
     let info_path = firstboot::paths::under(&root, firstboot::paths::IMAGE_INFO);
     std::fs::create_dir_all(info_path.parent().expect("has parent")).map_err(|e| io("image.json".into(), e))?;
+    let _ = std::fs::remove_file(&info_path);
     std::fs::write(&info_path, serde_json::to_vec_pretty(&info).expect("serializes"))
         .map_err(|e| io("image.json".into(), e))?;
     Ok(root)

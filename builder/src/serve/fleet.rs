@@ -25,6 +25,7 @@ use super::audit::Audit;
 use super::metrics::Metrics;
 use super::store::{Store, StoreError, Txn};
 use crate::cluster::{Cluster, EnrollPolicy};
+use crate::image::lock::sha256_hex;
 use crate::pki::{self, Ca, CaKind, NodeIdentity};
 use crate::tokens::{TokenRecord, TokenState, TokenStore, TokenUsage};
 
@@ -193,10 +194,6 @@ pub struct Fleet {
     tokens: TokenSource,
     pub audit: Audit,
     pub metrics: Metrics,
-}
-
-fn sha256_hex(b: &[u8]) -> String {
-    digest::digest(&digest::SHA256, b).as_ref().iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn now() -> OffsetDateTime {
