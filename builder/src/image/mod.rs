@@ -318,8 +318,8 @@ pub fn bake_role(
     std::fs::rename(&tmp, &dest).map_err(|e| BakeError::Io(e.to_string()))?;
     std::mem::forget(cleanup);
     std::fs::File::open(&opts.out).and_then(|d| d.sync_all()).map_err(|e| BakeError::Io(e.to_string()))?;
-    // After the sync that made the new output durable: the old one's blocks are freed (and, on a
-    // filesystem mounted with `discard`, trimmed) by the filesystem's next commit, not waited for.
+    // The old output goes last, once the new one is durable (on a filesystem mounted with
+    // `discard`, as this project's machine is, its unlinks take seconds).
     let _ = std::fs::remove_dir_all(&old);
     step("manifest, sbom and publish", &mut t);
     Ok(Baked { role, dir: dest, seconds: start.elapsed().as_secs_f64(), steps })
