@@ -3,8 +3,8 @@
 //! embedded descriptor, then every non-zero 64 KiB grain deflated behind a grain marker, each
 //! grain table after the grains it maps, the grain directory, a footer (the header again, now with
 //! the directory's offset) and an end-of-stream marker. The file is written front to back, as the
-//! format intends, and the grains of each table are compressed on every core. Durability is the
-//! caller's: a bake syncs its outputs once, at the end.
+//! format intends, with the grains deflated on every core. Durability is the caller's: a bake
+//! flushes each output once it is finished.
 //!
 //! Written here rather than by `qemu-img convert -O vmdk`, which compresses on one core and was
 //! half of a warm bake; `qemu-img` still reads every VMDK back in the image tests.
