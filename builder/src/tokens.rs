@@ -227,10 +227,7 @@ impl TokenStore {
 
     /// The newest valid Kubernetes join token (authentication usage).
     pub fn join_token(&self, now: OffsetDateTime) -> Option<&TokenRecord> {
-        self.records
-            .iter()
-            .filter(|r| r.usages.contains(&TokenUsage::Authentication) && r.state(now) == TokenState::Valid)
-            .max_by_key(|r| r.created)
+        join_token(&self.records, now)
     }
 
     /// The newest valid enrollment token for `role`.
@@ -245,6 +242,14 @@ impl TokenStore {
 /// RFC 3339 with whole seconds, as the bootstrap token Secret's `expiration` is written.
 fn truncate_to_seconds(t: OffsetDateTime) -> OffsetDateTime {
     t.replace_nanosecond(0).expect("0 ns is valid")
+}
+
+/// The newest valid join (TLS bootstrap) token among `records`.
+pub fn join_token(records: &[TokenRecord], now: OffsetDateTime) -> Option<&TokenRecord> {
+    records
+        .iter()
+        .filter(|r| r.usages.contains(&TokenUsage::Authentication) && r.state(now) == TokenState::Valid)
+        .max_by_key(|r| r.created)
 }
 
 #[cfg(test)]

@@ -270,6 +270,61 @@ async fn refusals() {
     server.shutdown().await;
 }
 
+/// The connection a machine enrolled on speaks for its node, and only that connection, and only
+/// while the node holds the key it enrolled with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrolled_connection_speaks_for_its_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let (st, _) = state_with(dir.path(), |t| t);
+    let server = start(&st).await;
+    let url = format!("https://127.0.0.1:{}", server.addr.port());
+    let pin = st.ca(imgbuild::pki::CaKind::Cluster).unwrap().pin();
+    let token = payload(&st, Role::Worker, &url).token;
+    let fresh = || {
+        let mut c =
+            Client::new(std::slice::from_ref(&url), pin, None, std::time::Instant::now() + Duration::from_secs(5))
+                .unwrap();
+        c.backoff = Backoff { initial: Duration::from_millis(10), max: Duration::from_millis(10) };
+        c
+    };
+    let enroll = |token: &firstboot::BootstrapToken| EnrollRequest {
+        protocol: PROTOCOL_VERSION,
+        token: token.clone(),
+        identity: MachineIdentity { uuid: None, serial: None, macs: vec!["52:54:00:03:01:21".into()] },
+        image: None,
+        csr: sim::Prepared::new().csr,
+    };
+
+    // A failed enrollment binds nothing.
+    let stranger = fresh();
+    let bad: firstboot::BootstrapToken = "zzzzzz.zzzzzzzzzzzzzzzz".parse().unwrap();
+    assert_eq!(
+        stranger.post::<_, EnrollResponse>(PATH_ENROLL, &enroll(&bad)).await.unwrap_err().code(),
+        Some(ErrorCode::InvalidToken)
+    );
+    assert_eq!(stranger.get::<NodeConfig>(PATH_CONFIG).await.unwrap_err().code(), Some(ErrorCode::NotEnrolled));
+
+    // Enrolled without showing a certificate: this connection is k8s-worker1's.
+    let first = fresh();
+    let r: EnrollResponse = first.post(PATH_ENROLL, &enroll(&token)).await.unwrap();
+    assert_eq!(r.node.unwrap().name, "k8s-worker1");
+    assert!(!first.presents_certificate());
+    let config: NodeConfig = first.get(PATH_CONFIG).await.unwrap();
+    assert_eq!(config.node.name, "k8s-worker1");
+    // Another connection without the certificate is nobody.
+    assert_eq!(fresh().get::<NodeConfig>(PATH_CONFIG).await.unwrap_err().code(), Some(ErrorCode::NotEnrolled));
+
+    // The machine enrolls again with a new key (a reinstall): the first connection, bound to the
+    // old key, no longer speaks for k8s-worker1; the new one does.
+    let second = fresh();
+    second.post::<_, EnrollResponse>(PATH_ENROLL, &enroll(&token)).await.unwrap();
+    let e = first.get::<NodeConfig>(PATH_CONFIG).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotEnrolled));
+    assert!(e.to_string().contains("superseded"), "{e}");
+    assert_eq!(second.get::<NodeConfig>(PATH_CONFIG).await.unwrap().node.name, "k8s-worker1");
+    server.shutdown().await;
+}
+
 /// A client with the enrollment certificate the node at `root` holds.
 fn enrolled_client(root: &Path, url: &str, st: &imgbuild::state::State) -> Client {
     let rec: firstboot::agent::record::Record =

@@ -1,10 +1,12 @@
 //! HTTP handlers of the enrollment API. Every request carries the [`Peer`] its TLS connection
 //! authenticated; nodes are identified by their enrollment client certificate, operators by an
-//! admin certificate from the cluster CA.
+//! admin certificate from the cluster CA. A connection on which a machine just enrolled speaks
+//! for that node from then on, as if it had shown the certificate it was given: the token
+//! authenticated this very connection, and the node need not pay a second handshake to use it.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -24,7 +26,20 @@ use super::render::Renderer;
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub addr: SocketAddr,
+    /// The client certificate's holder.
     pub client: Option<Client>,
+    /// The node that enrolled on this connection.
+    pub enrolled: Arc<OnceLock<Client>>,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr, client: Option<Client>) -> Self {
+        Peer { addr, client, enrolled: Arc::default() }
+    }
+
+    fn client(&self) -> Option<&Client> {
+        self.client.as_ref().or_else(|| self.enrolled.get())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -33,6 +48,19 @@ pub enum Client {
     Node { name: String, spki: Vec<u8> },
     /// An operator (cluster CA, `system:masters`).
     Admin { name: String },
+}
+
+impl Client {
+    /// The node an enrollment certificate speaks for.
+    pub fn node(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<Client> {
+        let name = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+        Some(Client::Node { name, spki: cert.public_key().raw.to_vec() })
+    }
+
+    fn node_from_pem(pem: &str) -> Option<Client> {
+        let der = firstboot::tls::certs_from_pem(pem, "client certificate").ok()?.into_iter().next()?;
+        Client::node(&x509_parser::parse_x509_certificate(&der).ok()?.1)
+    }
 }
 
 pub struct App {
@@ -141,7 +169,12 @@ async fn enroll(
     app.limiter.check(ip)?;
     let req: EnrollRequest = parse(&body).inspect_err(|_| app.limiter.failed(ip))?;
     match app.fleet.enroll(req, ip).await {
-        Ok(r) => ok(r),
+        Ok(r) => {
+            if let (None, Some(node)) = (&peer.client, r.client_cert.as_deref().and_then(Client::node_from_pem)) {
+                let _ = peer.enrolled.set(node);
+            }
+            ok(r)
+        }
         Err(e) => {
             if e.code != ErrorCode::Internal {
                 app.limiter.failed(ip);
@@ -154,7 +187,7 @@ async fn enroll(
 /// The enrolled node behind this connection's client certificate.
 async fn node(app: &App, peer: &Peer) -> Result<NodeRecord, ApiError> {
     app.fleet.metrics.request();
-    match &peer.client {
+    match peer.client() {
         Some(Client::Node { name, spki }) => app.fleet.authenticate(name, spki).await,
         _ => Err(ApiError::new(ErrorCode::NotEnrolled, "this call needs the client certificate from enrollment")),
     }

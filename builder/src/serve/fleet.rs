@@ -251,6 +251,11 @@ impl Fleet {
         e
     }
 
+    /// The tokens as of now (tokens.json, re-read when it changed).
+    pub fn tokens(&self) -> Result<Arc<Vec<TokenRecord>>, ApiError> {
+        self.tokens.current()
+    }
+
     /// Checks an enrollment token: format was checked by parsing; here existence, usage,
     /// revocation and expiry.
     fn enrollment_token(&self, presented: &firstboot::BootstrapToken) -> Result<TokenRecord, ApiError> {

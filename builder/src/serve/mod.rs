@@ -178,7 +178,7 @@ pub async fn start(state: &State, opts: &ServeOptions) -> Result<Running> {
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .and_then(|c| classify(c, &enroll_subject, &cluster_subject));
-                let peer = Peer { addr: remote, client };
+                let peer = Peer::new(remote, client);
                 let svc = router.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(peer.clone());
                     req
@@ -206,11 +206,11 @@ fn subject_raw(der: &[u8]) -> Vec<u8> {
 /// Tells node certificates (enrollment CA) from admin ones (cluster CA, `system:masters`).
 fn classify(der: &[u8], enroll_subject: &[u8], cluster_subject: &[u8]) -> Option<Client> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
     let issuer = cert.issuer().as_raw();
     if issuer == enroll_subject {
-        return Some(Client::Node { name: cn, spki: cert.public_key().raw.to_vec() });
+        return Client::node(&cert);
     }
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
     let masters = cert.subject().iter_organization().any(|o| o.as_str() == Ok("system:masters"));
     (issuer == cluster_subject && masters).then_some(Client::Admin { name: cn })
 }
@@ -239,5 +239,8 @@ fn server_tls(state: &State, cas: &Cas) -> Result<rustls::ServerConfig> {
         .with_single_cert(chain, key)
         .context("the serve certificate and key do not match")?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Clients never resume (see firstboot::tls): tickets would be made, sent and stored for nothing.
+    cfg.send_tls13_tickets = 0;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(cfg)
 }

@@ -94,7 +94,12 @@ fn unit(name: &str, start: bool, restart: bool) -> UnitSpec {
     UnitSpec { name: name.into(), enable: true, start, restart }
 }
 
-fn render(name: &str, ctx: &Value) -> Result<String, ApiError> {
+/// A template context, converted once for every template rendered with it.
+fn context(ctx: &Value) -> minijinja::Value {
+    minijinja::Value::from_serialize(ctx)
+}
+
+fn render(name: &str, ctx: &minijinja::Value) -> Result<String, ApiError> {
     templates::render(name, ctx).map_err(|e| {
         tracing::error!("template {name}: {e:#}");
         ApiError::new(ErrorCode::Internal, format!("cannot render {name}"))
@@ -102,12 +107,12 @@ fn render(name: &str, ctx: &Value) -> Result<String, ApiError> {
 }
 
 /// A file (0644) rendered from a template.
-fn rendered(path: &str, template: &str, ctx: &Value) -> Result<FileSpec, ApiError> {
+fn rendered(path: &str, template: &str, ctx: &minijinja::Value) -> Result<FileSpec, ApiError> {
     Ok(file(path, 0o644, render(template, ctx)?))
 }
 
 /// A systemd unit rendered from `node/NAME` into the units directory.
-fn unit_file(name: &str, ctx: &Value) -> Result<FileSpec, ApiError> {
+fn unit_file(name: &str, ctx: &minijinja::Value) -> Result<FileSpec, ApiError> {
     rendered(&format!("{}/{name}", paths::SYSTEMD_DIR), &format!("node/{name}"), ctx)
 }
 
@@ -137,12 +142,9 @@ impl Renderer {
         &self.ca_pems.iter().find(|(k, _)| *k == kind).expect("loaded at start").1
     }
 
-    fn join_token(&self) -> Result<firstboot::BootstrapToken, ApiError> {
-        let tokens = TokenStore::load(&self.tokens_path).map_err(|e| {
-            tracing::error!("{e}");
-            ApiError::new(ErrorCode::Internal, "the server cannot read its tokens")
-        })?;
-        tokens.join_token(OffsetDateTime::now_utc()).map(|t| t.token.clone()).ok_or_else(|| {
+    fn join_token(fleet: &Fleet) -> Result<firstboot::BootstrapToken, ApiError> {
+        let tokens = fleet.tokens()?;
+        crate::tokens::join_token(&tokens, OffsetDateTime::now_utc()).map(|t| t.token.clone()).ok_or_else(|| {
             ApiError::new(ErrorCode::Internal, "no valid join token: run `imgbuild init --rotate join-token`")
         })
     }
@@ -190,7 +192,7 @@ impl Renderer {
             .and_then(|i| i.components.get("containerd"))
             .is_some_and(|v| v.trim_start_matches('v').starts_with('2'));
         let inputs =
-            NodeInputs { version, containerd2, join_token: self.join_token()?, ca_pin: fleet.cas.cluster.pin() };
+            NodeInputs { version, containerd2, join_token: Self::join_token(fleet)?, ca_pin: fleet.cas.cluster.pin() };
         self.render(&node.identity(), node.pod_index, &inputs)
     }
 
@@ -213,6 +215,7 @@ impl Renderer {
             "node_pod_cidr": pod_cidr, "taint": taint, "vip": c.api.vip.to_string(), "port": c.api.port,
             "containerd2": inputs.containerd2, "systemd_cgroup": v.cgroup_driver == "systemd", "pause_image": PAUSE_IMAGE,
         });
+        let node_ctx = context(&ctx);
         let mut files = vec![file("/etc/kubernetes/pki/ca.crt", 0o644, self.ca_pem(CaKind::Cluster))];
         let mut units = Vec::new();
         let mut sysctls = BTreeMap::from([
@@ -239,21 +242,21 @@ impl Renderer {
                 .collect();
             let mut rctx = ctx.clone();
             rctx["routes"] = Value::Array(routes);
-            files.push(unit_file("imgbuild-pod-routes.service", &rctx)?);
-            files.push(rendered("/etc/containerd/config.toml", "node/containerd-config.toml", &ctx)?);
-            files.push(rendered("/etc/cni/net.d/10-imgbuild.conflist", "node/cni.conflist", &ctx)?);
-            files.push(rendered("/var/lib/kubelet/config.yaml", "node/kubelet-config.yaml", &ctx)?);
-            files.push(unit_file("kubelet.service", &ctx)?);
+            files.push(unit_file("imgbuild-pod-routes.service", &context(&rctx))?);
+            files.push(rendered("/etc/containerd/config.toml", "node/containerd-config.toml", &node_ctx)?);
+            files.push(rendered("/etc/cni/net.d/10-imgbuild.conflist", "node/cni.conflist", &node_ctx)?);
+            files.push(rendered("/var/lib/kubelet/config.yaml", "node/kubelet-config.yaml", &node_ctx)?);
+            files.push(unit_file("kubelet.service", &node_ctx)?);
             for mode in ["ipvs", "iptables"] {
                 let mut pctx = ctx.clone();
                 pctx["mode"] = mode.into();
                 files.push(file(
                     &format!("/var/lib/kube-proxy/config-{mode}.yaml"),
                     0o644,
-                    render("node/kube-proxy-config.yaml", &pctx)?,
+                    render("node/kube-proxy-config.yaml", &context(&pctx))?,
                 ));
             }
-            files.push(unit_file("kube-proxy.service", &ctx)?);
+            files.push(unit_file("kube-proxy.service", &node_ctx)?);
             files.push(file(
                 "/etc/kubernetes/kube-proxy.conf",
                 0o600,
@@ -273,7 +276,7 @@ impl Renderer {
             let mut ectx = ctx.clone();
             ectx["initial_cluster"] = initial.join(",").into();
             files.push(file("/etc/kubernetes/pki/etcd/ca.crt", 0o644, self.ca_pem(CaKind::Etcd)));
-            files.push(unit_file("etcd.service", &ectx)?);
+            files.push(unit_file("etcd.service", &context(&ectx))?);
             units.insert(0, unit("etcd.service", true, true));
         }
         if master {
@@ -292,6 +295,7 @@ impl Renderer {
             mctx["router_id"] =
                 (u64::from(crate::image::lock::sha256_hex(c.name.as_bytes()).as_bytes()[0]) % 254 + 1).into();
             mctx["prefix"] = inventory.map_or(24, |n| n.address.prefix_len()).into();
+            let mctx = context(&mctx);
             if !etcd_member {
                 files.push(file("/etc/kubernetes/pki/etcd/ca.crt", 0o644, self.ca_pem(CaKind::Etcd)));
             }
@@ -335,7 +339,7 @@ impl Renderer {
         if !kubelet {
             modules.retain(|m| m == "overlay");
         }
-        let sctx = json!({"sysctls": sysctls, "modules": modules});
+        let sctx = context(&json!({"sysctls": sysctls, "modules": modules}));
         files.push(rendered("/etc/sysctl.d/90-kubernetes.conf", "node/sysctl.conf", &sctx)?);
         files.push(rendered("/etc/modules-load.d/kubernetes.conf", "node/modules.conf", &sctx)?);
 

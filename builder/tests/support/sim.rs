@@ -1,5 +1,7 @@
 //! Simulated machines speaking the enrollment protocol directly (tests and the benchmark): each
-//! call opens a new TLS connection, as a fleet of real machines would.
+//! machine has its own client, as a fleet of real machines would: it enrolls on a new TLS
+//! connection and goes on using it (the server binds it to the node); any later connection
+//! presents the certificate it got.
 #![allow(dead_code)]
 
 use std::time::{Duration, Instant};
@@ -67,10 +69,12 @@ impl Sim {
     pub async fn enroll_prepared(&self, identity: MachineIdentity, p: Prepared) -> Result<Enrolled, CallError> {
         let req =
             EnrollRequest { protocol: PROTOCOL_VERSION, token: self.token.clone(), identity, image: None, csr: p.csr };
-        let resp: EnrollResponse = self.client(None).post(PATH_ENROLL, &req).await?;
+        let client = self.client(None);
+        let resp: EnrollResponse = client.post(PATH_ENROLL, &req).await?;
         let cert = resp.client_cert.expect("enrolled");
         let node = resp.node.expect("enrolled").name;
-        Ok(Enrolled { node, client: self.client(Some((&cert, &p.key_pem))) })
+        client.present(&cert, &p.key_pem).unwrap();
+        Ok(Enrolled { node, client })
     }
 }
 

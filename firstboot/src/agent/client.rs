@@ -1,6 +1,11 @@
 //! firstboot's HTTPS client for `imgbuild serve`: servers tried in order, the server trusted only
 //! under the pinned CA, retries with exponential backoff and jitter until an overall deadline.
+//!
+//! One client serves a node's whole run. It enrolls with the token and no certificate; the server
+//! then treats that connection as the node's, and [`Client::present`] makes every later
+//! connection show the certificate enrollment returned.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ring::rand::{SecureRandom, SystemRandom};
@@ -9,6 +14,7 @@ use serde::de::DeserializeOwned;
 
 use crate::pin::CaPin;
 use crate::proto::{ErrorBody, ErrorCode};
+use crate::tls::ClientIdentity;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -66,9 +72,11 @@ impl Backoff {
     }
 }
 
+#[derive(Clone)]
 pub struct Client {
     servers: Vec<String>,
     http: reqwest::Client,
+    identity: Arc<ClientIdentity>,
     pub backoff: Backoff,
     pub deadline: Instant,
 }
@@ -85,14 +93,24 @@ impl Client {
         identity: Option<(&str, &str)>,
         deadline: Instant,
     ) -> Result<Self, SetupError> {
-        let tls = crate::tls::pinned_client_config(pin, identity).map_err(|e| SetupError(e.to_string()))?;
+        let identity = ClientIdentity::from_pem(identity).map_err(|e| SetupError(e.to_string()))?;
+        let tls = crate::tls::pinned_client_config(pin, identity.clone()).map_err(|e| SetupError(e.to_string()))?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .timeout(Duration::from_secs(30))
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| SetupError(e.to_string()))?;
-        Ok(Client { servers: servers.to_vec(), http, backoff: Backoff::default(), deadline })
+        Ok(Client { servers: servers.to_vec(), http, identity, backoff: Backoff::default(), deadline })
+    }
+
+    /// Presents this client certificate (PEM) and key on every new connection.
+    pub fn present(&self, cert_pem: &str, key_pem: &str) -> Result<(), SetupError> {
+        self.identity.set(cert_pem, key_pem).map_err(|e| SetupError(e.to_string()))
+    }
+
+    pub fn presents_certificate(&self) -> bool {
+        self.identity.is_set()
     }
 
     async fn once<B: Serialize, R: DeserializeOwned>(

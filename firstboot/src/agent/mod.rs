@@ -119,6 +119,7 @@ pub struct Agent<H: Host, S: Systemd> {
     record: Record,
     deadline: Instant,
     boot_id: Option<String>,
+    client: Option<Client>,
 }
 
 type PhaseResult = Result<String, String>;
@@ -177,7 +178,7 @@ impl<H: Host, S: Systemd> Agent<H, S> {
         let boot_id = std::fs::read_to_string(paths::under(&opts.root, "/proc/sys/kernel/random/boot_id"))
             .ok()
             .map(|s| s.trim().to_string());
-        Ok(Agent { deadline: Instant::now() + opts.deadline, opts, host, systemd, file, record, boot_id })
+        Ok(Agent { deadline: Instant::now() + opts.deadline, opts, host, systemd, file, record, boot_id, client: None })
     }
 
     pub fn record(&self) -> &Record {
@@ -188,19 +189,21 @@ impl<H: Host, S: Systemd> Agent<H, S> {
         self.record.boot_config.as_ref().expect("identify phase stored the boot config")
     }
 
-    fn client(&self, authenticated: bool) -> Result<Client, String> {
-        let bc = self.boot_config();
-        let key;
-        let identity = if authenticated {
-            key = std::fs::read_to_string(self.file.dir().join("enroll.key"))
+    /// This run's enrollment client (one connection pool for every phase), presenting the
+    /// enrollment certificate once the record has one.
+    fn client(&mut self) -> Result<Client, String> {
+        if self.client.is_none() {
+            let bc = self.boot_config();
+            let mut c = Client::new(&bc.servers, bc.ca_pin, None, self.deadline).map_err(|e| e.to_string())?;
+            c.backoff = self.opts.backoff.clone();
+            self.client = Some(c);
+        }
+        let c = self.client.clone().expect("just made");
+        if let Some(cert) = self.record.client_cert.as_deref().filter(|_| !c.presents_certificate()) {
+            let key = std::fs::read_to_string(self.file.dir().join("enroll.key"))
                 .map_err(|e| format!("enrollment key: {e}"))?;
-            let cert = self.record.client_cert.as_deref().ok_or("not enrolled yet")?;
-            Some((cert, key.as_str()))
-        } else {
-            None
-        };
-        let mut c = Client::new(&bc.servers, bc.ca_pin, identity, self.deadline).map_err(|e| e.to_string())?;
-        c.backoff = self.opts.backoff.clone();
+            c.present(cert, &key).map_err(|e| e.to_string())?;
+        }
         Ok(c)
     }
 
@@ -224,7 +227,7 @@ impl<H: Host, S: Systemd> Agent<H, S> {
         if self.record.client_cert.is_none() || self.record.pending_reports.is_empty() {
             return;
         }
-        let Ok(client) = self.client(true) else { return };
+        let Ok(client) = self.client() else { return };
         while let Some(r) = self.record.pending_reports.first().cloned() {
             match client.post::<_, serde_json::Value>(PATH_REPORT, &r).await {
                 Ok(_) => {
@@ -372,14 +375,16 @@ impl<H: Host, S: Systemd> Agent<H, S> {
             image: self.record.image.clone(),
             csr: csr(&key)?,
         };
-        let client = self.client(false)?;
+        let client = self.client()?;
         loop {
             let resp: EnrollResponse = client.post(PATH_ENROLL, &req).await.map_err(|e| e.to_string())?;
             match resp.status {
                 EnrollStatus::Enrolled => {
                     let node = resp.node.ok_or("server said enrolled without a node")?;
-                    self.record.client_cert =
-                        Some(resp.client_cert.ok_or("server said enrolled without a certificate")?);
+                    let cert = resp.client_cert.ok_or("server said enrolled without a certificate")?;
+                    // This connection is the node's now; new ones show the certificate.
+                    client.present(&cert, &key.serialize_pem()).map_err(|e| e.to_string())?;
+                    self.record.client_cert = Some(cert);
                     let msg = format!("enrolled as {} node {}", node.role, node.name);
                     self.record.node = Some(node);
                     return Ok(msg);
@@ -397,7 +402,7 @@ impl<H: Host, S: Systemd> Agent<H, S> {
     }
 
     async fn fetch(&mut self) -> PhaseResult {
-        let client = self.client(true)?;
+        let client = self.client()?;
         let config: NodeConfig = client.get(PATH_CONFIG).await.map_err(|e| e.to_string())?;
         let mut csrs = Vec::new();
         for c in &config.certs {
@@ -511,7 +516,7 @@ impl<H: Host, S: Systemd> Agent<H, S> {
             self.record.outcome = "provisioned (join skipped)".into();
             return Ok("skipped (--no-join)".into());
         }
-        let client = self.client(true)?;
+        let client = self.client()?;
         let msg = join::join(&spec, &self.opts.root, &mut self.systemd, &client, self.deadline)
             .await
             .map_err(|e| e.to_string())?;
@@ -529,7 +534,7 @@ impl Record {
 
 /// Fetches a payload named on the kernel command line; HTTPS is trusted only under `pin`.
 async fn fetch_remote(url: &str, pin: crate::pin::CaPin) -> Result<BootConfig, String> {
-    let tls = crate::tls::pinned_client_config(pin, None).map_err(|e| e.to_string())?;
+    let tls = crate::tls::pinned_client_config(pin, Default::default()).map_err(|e| e.to_string())?;
     let http = reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .timeout(Duration::from_secs(30))
