@@ -220,6 +220,34 @@ fn sync_tree(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Removes a directory tree, unlinking its files side by side: on a filesystem mounted with
+/// `discard` (as this project's machine is) an unlink of a big synced file waits ~0.5 s for the
+/// device, and those waits overlap (measured: two 500 MB files, 1.17 s one after the other,
+/// 0.69 s side by side).
+fn remove_tree(dir: &Path) -> std::io::Result<()> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => dirs.push(e.path()),
+                _ => files.push(e.path()),
+            }
+        }
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..files.len().min(8) {
+            s.spawn(|| {
+                while let Some(f) = files.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+                    let _ = std::fs::remove_file(f);
+                }
+            });
+        }
+    });
+    std::fs::remove_dir_all(dir)
+}
+
 /// Bakes one role (blocking: run it off the async runtime).
 pub fn bake_role(
     def: &Definition,
@@ -291,7 +319,7 @@ pub fn bake_role(
             }
             Ok(entries)
         });
-        outputs::ova(&raw, &tmp, &work, def, role, epoch)?;
+        outputs::ova(&raw, &tmp, def, role, epoch)?;
         let ova = done(&format!("{role}.ova"))?;
         let mut side = side.join().expect("qcow2 thread panicked")?;
         let mut all = vec![raw_entry.join().expect("digest thread panicked")?, side.remove(0), ova];
@@ -308,7 +336,7 @@ pub fn bake_role(
     let sbom = outputs::sbom(def, lock, role, lock_sha256, epoch);
     std::fs::write(tmp.join("sbom.spdx.json"), serde_json::to_vec_pretty(&sbom).expect("json"))
         .map_err(|e| BakeError::Io(e.to_string()))?;
-    std::fs::remove_dir_all(&work).map_err(|e| BakeError::Io(e.to_string()))?;
+    remove_tree(&work).map_err(|e| BakeError::Io(format!("{}: {e}", work.display())))?;
     sync_tree(&tmp).map_err(|e| BakeError::Io(format!("{}: {e}", tmp.display())))?;
     let dest = opts.out.join(role.as_str());
     let old = opts.out.join(format!(".{role}.old-{}", std::process::id()));
@@ -318,9 +346,8 @@ pub fn bake_role(
     std::fs::rename(&tmp, &dest).map_err(|e| BakeError::Io(e.to_string()))?;
     std::mem::forget(cleanup);
     std::fs::File::open(&opts.out).and_then(|d| d.sync_all()).map_err(|e| BakeError::Io(e.to_string()))?;
-    // The old output goes last, once the new one is durable (on a filesystem mounted with
-    // `discard`, as this project's machine is, its unlinks take seconds).
-    let _ = std::fs::remove_dir_all(&old);
+    // The old output goes last, once the new one is durable.
+    let _ = remove_tree(&old);
     step("manifest, sbom and publish", &mut t);
     Ok(Baked { role, dir: dest, seconds: start.elapsed().as_secs_f64(), steps })
 }

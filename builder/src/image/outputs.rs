@@ -2,7 +2,6 @@
 //! an SPDX SBOM.
 
 use std::path::Path;
-use std::process::Command;
 
 use firstboot::Role;
 use serde_json::{Value, json};
@@ -10,7 +9,7 @@ use serde_json::{Value, json};
 use super::cache::sha256_file;
 use super::definition::Definition;
 use super::lock::Lock;
-use super::{BakeError, run, vmdk};
+use super::{BakeError, vmdk};
 use crate::templates;
 
 /// The PXE kernel command line (the root image comes as an initrd: RAM mode).
@@ -43,48 +42,94 @@ pub fn pxe(tree: &Path, rootfs: &Path, dir: &Path, def: &Definition, role: Role)
 const VMDK_COMPRESSION: flate2::Compression = flate2::Compression::fast();
 
 /// `<role>.ova`: OVF descriptor (with the guestinfo vApp properties), manifest, and a
-/// stream-optimized VMDK, in that order in a ustar archive.
-pub fn ova(
-    disk_raw: &Path,
-    dir: &Path,
-    work: &Path,
-    def: &Definition,
-    role: Role,
-    epoch: i64,
-) -> Result<(), BakeError> {
+/// stream-optimized VMDK, in that order in a ustar archive. The VMDK is compressed straight into
+/// the archive, at an offset reserved for the two small members before it: those are written last,
+/// once the VMDK's size and digest are known. The descriptor is padded with trailing spaces to the
+/// length it has with the longest possible size, so the offset does not depend on the digits.
+pub fn ova(disk_raw: &Path, dir: &Path, def: &Definition, role: Role, epoch: i64) -> Result<(), BakeError> {
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::FileExt;
+
     let name = format!("{}-{role}", def.name);
-    let stage = work.join("ova");
-    std::fs::create_dir_all(&stage).map_err(|e| BakeError::Io(e.to_string()))?;
-    let vmdk = format!("{name}-disk1.vmdk");
-    let written = vmdk::from_raw(disk_raw, &stage.join(&vmdk), &vmdk, VMDK_COMPRESSION)
-        .map_err(|e| BakeError::Io(format!("{vmdk}: {e}")))?;
-    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    let ovf = templates::render(
-        "ova.ovf",
-        json!({
-            "name": name, "role": role, "image": def.name, "description": def.description,
-            "vmdk": vmdk, "vmdk_size": written.size, "capacity": size(disk_raw),
-            "guest_os": if def.base.distribution == "ubuntu" { "ubuntu64Guest" } else { "debian12_64Guest" },
-            "cpus": 2, "memory_mib": if role == Role::Master { 4096 } else { 2048 },
-        }),
-    )
-    .map_err(|e| BakeError::Io(format!("ova.ovf: {e}")))?;
-    let ovf_name = format!("{name}.ovf");
-    std::fs::write(stage.join(&ovf_name), &ovf).map_err(|e| BakeError::Io(e.to_string()))?;
-    let ovf_sha256 = super::lock::sha256_hex(ovf.as_bytes());
-    let mf = format!("SHA256({ovf_name})= {ovf_sha256}\nSHA256({vmdk})= {}\n", written.sha256);
-    let mf_name = format!("{name}.mf");
-    std::fs::write(stage.join(&mf_name), mf).map_err(|e| BakeError::Io(e.to_string()))?;
-    run(
-        Command::new("tar")
-            .args(["--format=ustar", "--owner=0", "--group=0", "--numeric-owner", &format!("--mtime=@{epoch}"), "-cf"])
-            .arg(dir.join(format!("{role}.ova")))
-            .arg("-C")
-            .arg(&stage)
-            .args([&ovf_name, &mf_name, &vmdk]),
-        "tar",
-    )?;
-    Ok(())
+    let (vmdk, ovf_name, mf_name) = (format!("{name}-disk1.vmdk"), format!("{name}.ovf"), format!("{name}.mf"));
+    let path = dir.join(format!("{role}.ova"));
+    let io = |e: std::io::Error| BakeError::Io(format!("{}: {e}", path.display()));
+    let capacity = std::fs::metadata(disk_raw).map(|m| m.len()).unwrap_or(0);
+    let descriptor = |vmdk_size: u64| {
+        templates::render(
+            "ova.ovf",
+            json!({
+                "name": name, "role": role, "image": def.name, "description": def.description,
+                "vmdk": vmdk, "vmdk_size": vmdk_size, "capacity": capacity,
+                "guest_os": if def.base.distribution == "ubuntu" { "ubuntu64Guest" } else { "debian12_64Guest" },
+                "cpus": 2, "memory_mib": if role == Role::Master { 4096 } else { 2048 },
+            }),
+        )
+        .map_err(|e| BakeError::Io(format!("ova.ovf: {e}")))
+    };
+    let manifest = |ovf_sha256: &str, vmdk_sha256: &str| {
+        format!("SHA256({ovf_name})= {ovf_sha256}\nSHA256({vmdk})= {vmdk_sha256}\n")
+    };
+    let ovf_len = descriptor(u64::MAX)?.len() as u64;
+    let mf_len = manifest(&"0".repeat(64), &"0".repeat(64)).len() as u64;
+    let vmdk_at = 3 * TAR_BLOCK + ovf_len.next_multiple_of(TAR_BLOCK) + mf_len.next_multiple_of(TAR_BLOCK);
+
+    let mut file = std::fs::File::create(&path).map_err(io)?;
+    file.seek(SeekFrom::Start(vmdk_at)).map_err(io)?;
+    let written = vmdk::write(disk_raw, &mut file, &vmdk, VMDK_COMPRESSION).map_err(io)?;
+    if written.size >= 1 << 33 {
+        return Err(BakeError::Io(format!("{vmdk}: {} bytes is beyond a ustar member's 8 GiB", written.size)));
+    }
+    // Ends: the VMDK's padding, two zero blocks, and zeros to a whole 10 KiB record, as tar does.
+    let end = (vmdk_at + written.size).next_multiple_of(TAR_BLOCK) + 2 * TAR_BLOCK;
+    let end = end.next_multiple_of(20 * TAR_BLOCK);
+    file.set_len(end).map_err(io)?;
+
+    let mut ovf = descriptor(written.size)?;
+    ovf.insert_str(ovf.trim_end().len(), &" ".repeat(ovf_len as usize - ovf.len()));
+    let mf = manifest(&super::lock::sha256_hex(ovf.as_bytes()), &written.sha256);
+    debug_assert_eq!(mf.len() as u64, mf_len);
+    let mut head = Vec::with_capacity(vmdk_at as usize);
+    for (member, data) in [(&ovf_name, ovf.as_bytes()), (&mf_name, mf.as_bytes())] {
+        head.extend_from_slice(&tar_header(member, data.len() as u64, epoch)?);
+        head.extend_from_slice(data);
+        head.resize(head.len().next_multiple_of(TAR_BLOCK as usize), 0);
+    }
+    head.extend_from_slice(&tar_header(&vmdk, written.size, epoch)?);
+    debug_assert_eq!(head.len() as u64, vmdk_at);
+    file.write_all_at(&head, 0).map_err(io)?;
+    file.flush().map_err(io)
+}
+
+const TAR_BLOCK: u64 = 512;
+
+/// A ustar header for a regular file (mode 0644, owner and group 0, no names), as
+/// `tar --format=ustar --owner=0 --group=0 --numeric-owner --mtime=@EPOCH` writes it.
+fn tar_header(name: &str, size: u64, mtime: i64) -> Result<[u8; 512], BakeError> {
+    if name.len() > 100 {
+        return Err(BakeError::Io(format!("{name}: longer than a ustar name (100 bytes)")));
+    }
+    let mut h = [0u8; 512];
+    let octal = |h: &mut [u8; 512], at: usize, width: usize, v: u64| {
+        let text = format!("{v:0w$o}", w = width - 1);
+        h[at..at + width - 1].copy_from_slice(text.as_bytes());
+    };
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    octal(&mut h, 100, 8, 0o644);
+    octal(&mut h, 108, 8, 0);
+    octal(&mut h, 116, 8, 0);
+    octal(&mut h, 124, 12, size);
+    octal(&mut h, 136, 12, mtime.max(0) as u64);
+    h[148..156].fill(b' ');
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    octal(&mut h, 329, 8, 0);
+    octal(&mut h, 337, 8, 0);
+    let sum: u64 = h.iter().map(|b| u64::from(*b)).sum();
+    let text = format!("{sum:06o}\0 ");
+    h[148..156].copy_from_slice(text.as_bytes());
+    Ok(h)
 }
 
 /// A file's entry for manifest.json.
@@ -168,4 +213,63 @@ pub fn sbom(def: &Definition, lock: &Lock, role: Role, lock_sha256: &str, epoch:
         "packages": packages,
         "relationships": relationships,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a hypervisor reads: a ustar archive (read here by GNU tar) of the descriptor first,
+    /// then the manifest whose digests match, then a VMDK that qemu-img converts back to the disk.
+    #[test]
+    fn the_ova_is_a_tar_of_descriptor_manifest_and_vmdk() {
+        use std::os::unix::fs::FileExt;
+        let d = tempfile::tempdir().unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let (def, _) = Definition::load(&root.join("images/debian-12.toml")).unwrap();
+        let raw = d.path().join("disk.raw");
+        let f = std::fs::File::create(&raw).unwrap();
+        f.set_len(9 << 20).unwrap();
+        let mut noise = vec![0u8; 1 << 20];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut noise).unwrap();
+        f.write_all_at(&noise, 3 << 20).unwrap();
+        drop(f);
+        ova(&raw, d.path(), &def, Role::Worker, 1_700_000_000).unwrap();
+        let archive = d.path().join("worker.ova");
+        assert_eq!(std::fs::metadata(&archive).unwrap().len() % 10240, 0, "whole tar records");
+
+        let tar = |args: &[&str]| {
+            let o = std::process::Command::new("tar").args(args).current_dir(d.path()).output().unwrap();
+            assert!(o.status.success(), "tar {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+            String::from_utf8(o.stdout).unwrap()
+        };
+        let name = format!("{}-worker", def.name);
+        let members: Vec<String> = tar(&["-tf", "worker.ova"]).lines().map(String::from).collect();
+        assert_eq!(members, [format!("{name}.ovf"), format!("{name}.mf"), format!("{name}-disk1.vmdk")]);
+        let listing = tar(&["--numeric-owner", "--full-time", "-tvf", "worker.ova"]);
+        assert!(listing.lines().all(|l| l.starts_with("-rw-r--r-- 0/0")), "{listing}");
+        std::fs::create_dir(d.path().join("x")).unwrap();
+        tar(&["-xf", "worker.ova", "-C", "x"]);
+
+        let x = d.path().join("x");
+        let vmdk = x.join(format!("{name}-disk1.vmdk"));
+        let ovf = std::fs::read_to_string(x.join(format!("{name}.ovf"))).unwrap();
+        let size = std::fs::metadata(&vmdk).unwrap().len();
+        assert!(ovf.contains(&format!("ovf:size=\"{size}\"")), "the descriptor names the VMDK's size {size}");
+        assert!(ovf.trim_end().ends_with("</Envelope>"));
+        let mf = std::fs::read_to_string(x.join(format!("{name}.mf"))).unwrap();
+        for member in [format!("{name}.ovf"), format!("{name}-disk1.vmdk")] {
+            let digest = crate::image::cache::sha256_file(&x.join(&member)).unwrap();
+            assert!(mf.contains(&format!("SHA256({member})= {digest}\n")), "{mf}");
+        }
+        let back = d.path().join("back.raw");
+        let o = std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "vmdk", "-O", "raw"])
+            .arg(&vmdk)
+            .arg(&back)
+            .output()
+            .expect("qemu-img (qemu-utils)");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&raw).unwrap());
+    }
 }

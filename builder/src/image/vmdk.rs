@@ -141,13 +141,13 @@ fn data_grains(extents: &[(u64, u64)], grains: u64) -> Vec<u64> {
     out
 }
 
-/// Converts a raw disk image (a whole number of sectors) into a stream-optimized VMDK at `out`;
-/// `file_name` is the name the descriptor gives the extent, and the content ID is derived from
-/// the disk's bytes, so the same disk always gives the same VMDK.
+/// Writes a raw disk image (a whole number of sectors) as a stream-optimized VMDK into `sink`
+/// (sequentially; buffered here); `file_name` is the name the descriptor gives the extent, and
+/// the content ID is derived from the disk's bytes, so the same disk always gives the same VMDK.
 ///
 /// One thread reads the grains that hold data (holes are skipped), a worker per core deflates
 /// them, and this thread writes them in order with the grain tables between.
-pub fn from_raw(raw: &Path, out: &Path, file_name: &str, level: Compression) -> std::io::Result<Written> {
+pub fn write(raw: &Path, sink: impl Write, file_name: &str, level: Compression) -> std::io::Result<Written> {
     use std::os::unix::fs::FileExt;
     use std::sync::mpsc::{Receiver, sync_channel};
     use std::sync::{Arc, Mutex};
@@ -174,7 +174,7 @@ pub fn from_raw(raw: &Path, out: &Path, file_name: &str, level: Compression) -> 
     id.copy_from_slice(&id_ctx.finish().as_ref()[..16]);
 
     let mut out = Out {
-        inner: BufWriter::with_capacity(1 << 20, File::create(out)?),
+        inner: BufWriter::with_capacity(1 << 20, sink),
         sha256: digest::Context::new(&digest::SHA256),
         written: 0,
     };
@@ -323,7 +323,7 @@ mod tests {
         f.write_all_at(&noise[..1000], len - 1000).unwrap();
         drop(f);
         let vmdk = d.path().join("disk.vmdk");
-        let w = from_raw(&raw, &vmdk, "disk.vmdk", Compression::fast()).unwrap();
+        let w = write(&raw, File::create(&vmdk).unwrap(), "disk.vmdk", Compression::fast()).unwrap();
         assert_eq!(w.size, std::fs::metadata(&vmdk).unwrap().len());
         assert_eq!(w.sha256, super::super::cache::sha256_file(&vmdk).unwrap());
         let qemu = |args: &[&str]| {
@@ -340,7 +340,8 @@ mod tests {
         qemu(&["convert", "-f", "vmdk", "-O", "raw", v, back.to_str().unwrap()]);
         assert!(std::fs::read(&back).unwrap() == std::fs::read(&raw).unwrap(), "the VMDK reads back differently");
         // The same disk gives the same file.
-        let again = from_raw(&raw, &d.path().join("again.vmdk"), "disk.vmdk", Compression::fast()).unwrap();
+        let again =
+            write(&raw, File::create(d.path().join("again.vmdk")).unwrap(), "disk.vmdk", Compression::fast()).unwrap();
         assert_eq!(again, w);
     }
 
@@ -348,8 +349,7 @@ mod tests {
     fn a_disk_that_is_not_whole_sectors_is_refused() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("odd.raw"), [1u8; 1000]).unwrap();
-        let e =
-            from_raw(&d.path().join("odd.raw"), &d.path().join("x.vmdk"), "x.vmdk", Compression::fast()).unwrap_err();
+        let e = write(&d.path().join("odd.raw"), std::io::sink(), "x.vmdk", Compression::fast()).unwrap_err();
         assert!(e.to_string().contains("not a whole number of sectors"), "{e}");
     }
 }
