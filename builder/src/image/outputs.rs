@@ -47,7 +47,7 @@ const VMDK_COMPRESSION: flate2::Compression = flate2::Compression::fast();
 /// once the VMDK's size and digest are known. The descriptor is padded with trailing spaces to the
 /// length it has with the longest possible size, so the offset does not depend on the digits.
 pub fn ova(disk_raw: &Path, dir: &Path, def: &Definition, role: Role, epoch: i64) -> Result<(), BakeError> {
-    use std::io::{Seek, SeekFrom, Write};
+    use std::io::{Seek, SeekFrom};
     use std::os::unix::fs::FileExt;
 
     let name = format!("{}-{role}", def.name);
@@ -97,8 +97,7 @@ pub fn ova(disk_raw: &Path, dir: &Path, def: &Definition, role: Role, epoch: i64
     }
     head.extend_from_slice(&tar_header(&vmdk, written.size, epoch)?);
     debug_assert_eq!(head.len() as u64, vmdk_at);
-    file.write_all_at(&head, 0).map_err(io)?;
-    file.flush().map_err(io)
+    file.write_all_at(&head, 0).map_err(io)
 }
 
 const TAR_BLOCK: u64 = 512;
