@@ -216,7 +216,7 @@ async fn report(
 async fn lease(State(app): State<Arc<App>>, Extension(peer): Extension<Peer>, body: Bytes) -> ApiResult<LeaseResponse> {
     let node = node(&app, &peer).await?;
     let req: LeaseRequest = parse(&body)?;
-    ok(app.fleet.lease(&node, req.action, || app.renderer.cluster_objects()).await?)
+    ok(app.fleet.lease(&node, req.action, || app.renderer.cluster_objects(&app.fleet)).await?)
 }
 
 fn admin(peer: &Peer) -> Result<(), ApiError> {

@@ -32,7 +32,7 @@ use crate::kube;
 use crate::pki::{CaKind, NodeIdentity, leaf_spec};
 use crate::state::State;
 use crate::templates;
-use crate::tokens::{DEFAULT_NODE_GROUP, TokenStore};
+use crate::tokens::DEFAULT_NODE_GROUP;
 
 /// Rendered when a node sends no image information and the cluster pins no version.
 pub const DEFAULT_KUBERNETES: &str = "v1.34.7";
@@ -79,7 +79,6 @@ pub struct Renderer {
     cluster: Cluster,
     ca_pems: Vec<(CaKind, String)>,
     master_secrets: Vec<MasterSecret>,
-    tokens_path: std::path::PathBuf,
 }
 
 fn read(path: &Path) -> Result<String> {
@@ -135,7 +134,7 @@ impl Renderer {
         ] {
             master_secrets.push(MasterSecret { node_path, contents: read(&pki.join(rel))? });
         }
-        Ok(Renderer { cluster: cluster.clone(), ca_pems, master_secrets, tokens_path: state.tokens_file() })
+        Ok(Renderer { cluster: cluster.clone(), ca_pems, master_secrets })
     }
 
     fn ca_pem(&self, kind: CaKind) -> &str {
@@ -150,12 +149,11 @@ impl Renderer {
     }
 
     /// The objects the first master applies: join token Secret, node-bootstrap RBAC, cluster-info.
-    pub fn cluster_objects(&self) -> Vec<Value> {
-        let tokens = TokenStore::load(&self.tokens_path).ok();
+    pub fn cluster_objects(&self, fleet: &Fleet) -> Vec<Value> {
+        let tokens = fleet.tokens().unwrap_or_default();
         let now = OffsetDateTime::now_utc();
         let mut objects: Vec<Value> = tokens
             .iter()
-            .flat_map(|t| t.records.iter())
             .filter(|t| t.is_kubernetes() && t.state(now) == crate::tokens::TokenState::Valid)
             .map(kube::bootstrap_token_secret)
             .collect();
