@@ -16,8 +16,11 @@ pub const STATE_FILE: &str = "/var/lib/firstboot/state.json";
 pub const IMAGE_INFO: &str = "/usr/lib/imgbuild/image.json";
 /// firstboot's systemd unit.
 pub const UNIT: &str = "firstboot.service";
-/// The firstboot binary inside images.
+/// The firstboot binary inside images: a link into its own read-only layer.
 pub const BINARY: &str = "/usr/bin/firstboot";
+/// Where the initramfs mounts an image's firstboot layer (an erofs holding only the binary, kept
+/// apart from the root so that a new firstboot does not make a new root file system).
+pub const LAYER: &str = "/usr/lib/firstboot";
 /// Kubernetes configuration, kubeadm's layout.
 pub const KUBERNETES_DIR: &str = "/etc/kubernetes";
 pub const PKI_DIR: &str = "/etc/kubernetes/pki";

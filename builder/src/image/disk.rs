@@ -1,7 +1,7 @@
 //! Disk assembly without loop devices or mounts: each file system is made from files by its own
-//! tool (mkfs.erofs from the tree, mkfs.vfat + mtools for the ESP, mkfs.ext4 for the empty state
-//! file system), a GPT is written by sfdisk on a plain file, and the file systems are copied in
-//! at their offsets, sparsely. Every identifier (GPT GUIDs, file-system UUIDs, the FAT volume id)
+//! tool (mkfs.erofs from the trees of the root and of the firstboot layer, mkfs.vfat + mtools for
+//! the ESP, mkfs.ext4 for the empty state file system), a GPT is written by sfdisk on a plain
+//! file, and the file systems are copied in at their offsets, sparsely. Every identifier (GPT GUIDs, file-system UUIDs, the FAT volume id)
 //! is derived from the image's inputs and every timestamp is SOURCE_DATE_EPOCH, so the same
 //! inputs give the same bytes.
 
@@ -18,6 +18,7 @@ const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 /// "Root Partition (x86-64)" of the Discoverable Partitions Specification.
 const ROOT_TYPE: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
 const DATA_TYPE: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+pub const FIRSTBOOT_LABEL: &str = "imgbuild-firstboot";
 
 /// Identifiers of one image, derived from its inputs.
 #[derive(Debug, Clone)]
@@ -25,8 +26,10 @@ pub struct Ids {
     pub disk: String,
     pub esp: String,
     pub root: String,
+    pub firstboot: String,
     pub state: String,
     pub root_fs: String,
+    pub firstboot_fs: String,
     pub state_fs: String,
     /// FAT volume id, 8 hex digits.
     pub esp_volid: String,
@@ -48,8 +51,10 @@ impl Ids {
             disk: uuid(&format!("{seed}/disk")),
             esp: uuid(&format!("{seed}/esp")),
             root: uuid(&format!("{seed}/root")),
+            firstboot: uuid(&format!("{seed}/firstboot")),
             state: uuid(&format!("{seed}/state")),
             root_fs: uuid(&format!("{seed}/root-fs")),
+            firstboot_fs: uuid(&format!("{seed}/firstboot-fs")),
             state_fs: uuid(&format!("{seed}/state-fs")),
             esp_volid: sha256_hex(format!("{seed}/esp-volid").as_bytes())[..8].to_uppercase(),
         }
@@ -63,21 +68,21 @@ impl Ids {
 
 /// The kernel command line of a disk boot.
 pub fn kernel_cmdline(ids: &Ids) -> String {
-    format!("boot=imgbuild root=PARTUUID={} ro console=tty0 console=ttyS0,115200 systemd.show_status=1", ids.root)
+    format!(
+        "boot=imgbuild root=PARTUUID={} imgbuild.firstboot=PARTUUID={} ro console=tty0 console=ttyS0,115200 \
+         systemd.show_status=1",
+        ids.root, ids.firstboot
+    )
 }
 
-/// The read-only root file system.
-pub fn erofs(tree: &Path, out: &Path, ids: &Ids, epoch: i64) -> Result<(), BakeError> {
-    run(
-        Command::new("mkfs.erofs")
-            .arg(format!("-T{epoch}"))
-            .arg(format!("-U{}", ids.root_fs))
-            .args(["-zlz4", "-x-1"])
-            .arg(out)
-            .arg(tree),
-        "mkfs.erofs",
-    )
-    .map(|_| ())
+/// The options of every erofs an image carries (the root cache key includes them).
+pub fn erofs_options(uuid: &str, epoch: i64) -> [String; 4] {
+    [format!("-T{epoch}"), format!("-U{uuid}"), "-zlz4".into(), "-x-1".into()]
+}
+
+/// A read-only file system of `tree` (the root, or the firstboot layer).
+pub fn erofs(tree: &Path, out: &Path, uuid: &str, epoch: i64) -> Result<(), BakeError> {
+    run(Command::new("mkfs.erofs").args(erofs_options(uuid, epoch)).arg(out).arg(tree), "mkfs.erofs").map(|_| ())
 }
 
 fn round_up(n: u64, to: u64) -> u64 {
@@ -210,29 +215,54 @@ fn copy_sparse(src: &Path, disk: &std::fs::File, offset: u64) -> std::io::Result
     Ok(())
 }
 
-/// GPT disk: ESP, root, state.
-pub fn assemble(out: &Path, esp: &Path, root: &Path, state: &Path, ids: &Ids) -> Result<u64, BakeError> {
-    let len =
-        |p: &Path| std::fs::metadata(p).map(|m| m.len()).map_err(|e| BakeError::Io(format!("{}: {e}", p.display())));
-    let (esp_size, root_size, state_size) = (len(esp)?, round_up(len(root)?, MIB), len(state)?);
-    let total = MIB + esp_size + root_size + state_size + MIB;
+/// One partition of a disk image: the file system image that fills it.
+pub struct Partition<'a> {
+    pub image: &'a Path,
+    pub name: &'a str,
+    pub type_guid: &'a str,
+    pub uuid: &'a str,
+}
+
+/// The partitions of an image, in disk order: the state partition last, where it can grow.
+pub fn layout<'a>(
+    ids: &'a Ids,
+    esp: &'a Path,
+    root: &'a Path,
+    firstboot: &'a Path,
+    state: &'a Path,
+) -> [Partition<'a>; 4] {
+    [
+        Partition { image: esp, name: "ESP", type_guid: ESP_TYPE, uuid: &ids.esp },
+        Partition { image: root, name: "root", type_guid: ROOT_TYPE, uuid: &ids.root },
+        Partition { image: firstboot, name: FIRSTBOOT_LABEL, type_guid: DATA_TYPE, uuid: &ids.firstboot },
+        Partition { image: state, name: STATE_LABEL, type_guid: DATA_TYPE, uuid: &ids.state },
+    ]
+}
+
+/// A GPT disk of these partitions, each rounded up to whole MiB.
+pub fn assemble(out: &Path, parts: &[Partition<'_>], disk_guid: &str) -> Result<u64, BakeError> {
+    let mut sizes = Vec::with_capacity(parts.len());
+    for p in parts {
+        let len = std::fs::metadata(p.image).map_err(|e| BakeError::Io(format!("{}: {e}", p.image.display())))?.len();
+        sizes.push(round_up(len, MIB));
+    }
+    let total = MIB + sizes.iter().sum::<u64>() + MIB;
     let _ = std::fs::remove_file(out);
     let disk = std::fs::File::create(out).map_err(|e| BakeError::Io(format!("{}: {e}", out.display())))?;
     disk.set_len(total).map_err(|e| BakeError::Io(format!("{}: {e}", out.display())))?;
-    let s = |b: u64| b / 512;
-    let script = format!(
-        "label: gpt\nlabel-id: {}\nunit: sectors\nfirst-lba: 2048\n\
-         start=2048, size={}, type={ESP_TYPE}, uuid={}, name=\"ESP\"\n\
-         size={}, type={ROOT_TYPE}, uuid={}, name=\"root\"\n\
-         size={}, type={DATA_TYPE}, uuid={}, name=\"{STATE_LABEL}\"\n",
-        ids.disk,
-        s(esp_size),
-        ids.esp,
-        s(root_size),
-        ids.root,
-        s(state_size),
-        ids.state
-    );
+    let mut script = format!("label: gpt\nlabel-id: {disk_guid}\nunit: sectors\nfirst-lba: 2048\n");
+    let mut at = MIB;
+    for (p, size) in parts.iter().zip(&sizes) {
+        script.push_str(&format!(
+            "start={}, size={}, type={}, uuid={}, name=\"{}\"\n",
+            at / 512,
+            size / 512,
+            p.type_guid,
+            p.uuid,
+            p.name
+        ));
+        at += size;
+    }
     let mut child = Command::new("sfdisk")
         .args(["--quiet", "--no-reread", "--no-tell-kernel", "--wipe", "never"])
         .arg(out)
@@ -246,8 +276,10 @@ pub fn assemble(out: &Path, esp: &Path, root: &Path, state: &Path, ids: &Ids) ->
     if !o.status.success() {
         return Err(BakeError::Io(format!("sfdisk: {}", String::from_utf8_lossy(&o.stderr))));
     }
-    for (img, at) in [(esp, MIB), (root, MIB + esp_size), (state, MIB + esp_size + root_size)] {
-        copy_sparse(img, &disk, at).map_err(|e| BakeError::Io(format!("{}: {e}", img.display())))?;
+    let mut at = MIB;
+    for (p, size) in parts.iter().zip(&sizes) {
+        copy_sparse(p.image, &disk, at).map_err(|e| BakeError::Io(format!("{}: {e}", p.image.display())))?;
+        at += size;
     }
     Ok(total)
 }

@@ -1,7 +1,8 @@
 //! The main job: bake a bootable, immutable image per role.
 //!
 //! definition + lock → cache (every input verified) → base tree (mmdebstrap, cached) → role
-//! tree → erofs root, ESP, state → GPT disk.raw → qcow2, OVA, PXE set, manifest.json, SBOM.
+//! tree → erofs root (cached) → + firstboot layer, ESP, state → GPT disk.raw → qcow2, OVA, PXE
+//! set, manifest.json, SBOM.
 //! Everything is built in `out/.<role>.tmp-<pid>` and renamed to `out/<role>` at the end, so a
 //! failed bake leaves nothing half-written.
 
@@ -70,14 +71,15 @@ fn package_of(tool: &str) -> &'static str {
     TOOLS.iter().find(|(t, _)| *t == tool).map_or("the package providing it", |(_, p)| p)
 }
 
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false)
+/// Where a host tool is on PATH.
+fn tool_path(tool: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(tool)).find(|p| p.is_file())
 }
 
 /// Fails naming the first missing host tool and its package.
 pub fn check_tools() -> Result<(), BakeError> {
     for (tool, package) in TOOLS {
-        if !on_path(tool) {
+        if tool_path(tool).is_none() {
             return Err(BakeError::Tool {
                 tool: tool.to_string(),
                 package: package.to_string(),
@@ -274,23 +276,23 @@ pub fn bake_role(
 
     let base = tree::base_tree(def, lock, role, cache, epoch, &work, opts.fresh_tree)?;
     step("base tree", &mut t);
-    let root = tree::role_tree(def, lock, role, &base, cache, &opts.firstboot, &work)?;
-    step("role tree", &mut t);
-
     let ids = disk::Ids::new(&format!("{}/{role}/{lock_sha256}", def.name));
-    let (rootfs, esp, state) = (work.join("root.erofs"), work.join("esp.img"), work.join("state.ext4"));
-    // mkfs.erofs runs on one core; the ESP and the state filesystem are made beside it.
-    std::thread::scope(|s| {
+    let (fb_layer, esp, state) = (work.join("firstboot.erofs"), work.join("esp.img"), work.join("state.ext4"));
+    // mkfs.erofs of the root runs on one core; the ESP, the state file system and the firstboot
+    // layer are made beside it. The kernel and initramfs are the base tree's.
+    let rootfs = std::thread::scope(|s| {
         let side = s.spawn(|| {
-            disk::esp(&root, &work, &esp, &ids, &disk::kernel_cmdline(&ids), epoch)?;
-            disk::state(&state, &ids, 1 << 30, epoch)
+            disk::esp(&base, &work, &esp, &ids, &disk::kernel_cmdline(&ids), epoch)?;
+            disk::state(&state, &ids, 1 << 30, epoch)?;
+            disk::erofs(&tree::firstboot_layer(&opts.firstboot, &work)?, &fb_layer, &ids.firstboot_fs, epoch)
         });
-        disk::erofs(&root, &rootfs, &ids, epoch)?;
-        side.join().expect("ESP thread panicked").map(|_| ())
+        let rootfs = tree::root_image(def, lock, role, &base, cache, &ids.root_fs, epoch, &work, opts.fresh_tree);
+        side.join().expect("ESP thread panicked")?;
+        rootfs
     })?;
-    step("erofs, esp and state", &mut t);
+    step("root, firstboot layer, esp and state", &mut t);
     let raw = tmp.join("disk.raw");
-    disk::assemble(&raw, &esp, &rootfs, &state, &ids)?;
+    disk::assemble(&raw, &disk::layout(&ids, &esp, &rootfs, &fb_layer, &state), &ids.disk)?;
     step("disk.raw", &mut t);
     // The VMDK's compression takes every core; qcow2 (mostly I/O), the PXE set and the digest and
     // flush of each finished output go beside it, so hashing and writeback overlap compression.
@@ -301,7 +303,7 @@ pub fn bake_role(
             .map_err(|e| BakeError::Io(format!("{rel}: {e}")))?;
         Ok(entry)
     };
-    let pxe_files = ["vmlinuz", "initrd.img", "rootfs.erofs", "boot.ipxe"].map(|f| format!("pxe/{f}"));
+    let pxe_files = outputs::PXE_FILES.map(|f| format!("pxe/{f}"));
     let outputs_list = std::thread::scope(|s| -> Result<Vec<serde_json::Value>, BakeError> {
         let raw_entry = s.spawn(|| done("disk.raw"));
         let side = s.spawn(|| -> Result<Vec<serde_json::Value>, BakeError> {
@@ -313,7 +315,7 @@ pub fn bake_role(
                 "qemu-img",
             )?;
             let mut entries = vec![done("disk.qcow2")?];
-            outputs::pxe(&root, &rootfs, &tmp.join("pxe"), def, role)?;
+            outputs::pxe(&base, &rootfs, &fb_layer, &tmp.join("pxe"), def, role)?;
             for f in &pxe_files {
                 entries.push(done(f)?);
             }

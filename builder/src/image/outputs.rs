@@ -14,8 +14,13 @@ use crate::templates;
 
 /// The PXE kernel command line (the root image comes as an initrd: RAM mode).
 pub fn pxe_cmdline() -> String {
-    "boot=imgbuild imgbuild.root=/rootfs.erofs console=tty0 console=ttyS0,115200 systemd.show_status=1".into()
+    "boot=imgbuild imgbuild.root=/rootfs.erofs imgbuild.firstboot=/firstboot.erofs console=tty0 \
+     console=ttyS0,115200 systemd.show_status=1"
+        .into()
 }
+
+/// The files of a PXE set, as `pxe/` holds them and `imgbuild serve` serves them.
+pub const PXE_FILES: [&str; 5] = ["vmlinuz", "initrd.img", "rootfs.erofs", "firstboot.erofs", "boot.ipxe"];
 
 fn link_or_copy(src: &Path, dst: &Path) -> Result<(), BakeError> {
     let _ = std::fs::remove_file(dst);
@@ -24,13 +29,21 @@ fn link_or_copy(src: &Path, dst: &Path) -> Result<(), BakeError> {
         .map_err(|e| BakeError::Io(format!("{}: {e}", dst.display())))
 }
 
-/// `pxe/`: vmlinuz, initrd.img, rootfs.erofs and boot.ipxe.
-pub fn pxe(tree: &Path, rootfs: &Path, dir: &Path, def: &Definition, role: Role) -> Result<(), BakeError> {
+/// `pxe/`: vmlinuz, initrd.img, rootfs.erofs, firstboot.erofs and boot.ipxe.
+pub fn pxe(
+    tree: &Path,
+    rootfs: &Path,
+    firstboot: &Path,
+    dir: &Path,
+    def: &Definition,
+    role: Role,
+) -> Result<(), BakeError> {
     std::fs::create_dir_all(dir).map_err(|e| BakeError::Io(e.to_string()))?;
     std::fs::copy(tree.join("vmlinuz"), dir.join("vmlinuz")).map_err(|e| BakeError::Io(format!("vmlinuz: {e}")))?;
     std::fs::copy(tree.join("initrd.img"), dir.join("initrd.img"))
         .map_err(|e| BakeError::Io(format!("initrd.img: {e}")))?;
     link_or_copy(rootfs, &dir.join("rootfs.erofs"))?;
+    link_or_copy(firstboot, &dir.join("firstboot.erofs"))?;
     let script = templates::render("boot.ipxe", json!({"role": role, "image": def.name, "cmdline": pxe_cmdline()}))
         .map_err(|e| BakeError::Io(format!("boot.ipxe: {e}")))?;
     std::fs::write(dir.join("boot.ipxe"), script).map_err(|e| BakeError::Io(e.to_string()))

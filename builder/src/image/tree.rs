@@ -3,7 +3,9 @@
 //! files from manifests/image/ added, the initramfs made once, units enabled, every machine
 //! identity removed). It is cached under the digest of all that goes into it, so rebuilding an
 //! image whose packages did not change skips it. The role tree is a copy of it plus the
-//! components, firstboot and image.json.
+//! components and image.json; its root file system is cached under the digest of its inputs
+//! ([`role_key`]). firstboot goes in a layer of its own ([`firstboot_layer`]), so a new firstboot
+//! reuses the root file system.
 
 use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
@@ -157,14 +159,40 @@ pub fn base_tree(
     Ok(dir.join("root"))
 }
 
-/// The base tree (hard-linked) with the role's components, firstboot and image.json.
+/// image.json: the image's name, role and component versions.
+fn image_info(def: &Definition, role: Role) -> Vec<u8> {
+    let components =
+        def.components.iter().filter(|c| c.for_role(role)).map(|c| (c.name.clone(), c.version.clone())).collect();
+    let info = ImageInfo { name: def.name.clone(), role, kubernetes_version: def.kubernetes.clone(), components };
+    serde_json::to_vec_pretty(&info).expect("serializes")
+}
+
+/// The digest of everything that goes into a role tree: its base tree, every component file
+/// with where it goes, image.json, and what [`role_tree`] does with them (its version: bump it
+/// when that changes).
+pub fn role_key(def: &Definition, lock: &Lock, role: Role, epoch: i64) -> Result<String, BakeError> {
+    let mut s = format!("v1 role tree\nbase {}\n", base_key(def, lock, role, epoch));
+    for c in def.components.iter().filter(|c| c.for_role(role)) {
+        let locked = lock
+            .component(&c.name)
+            .ok_or_else(|| BakeError::Io(format!("component {} is not in the lock: run `imgbuild lock`", c.name)))?;
+        for inst in c.install.iter().filter(|i| i.roles.contains(&role)) {
+            let _ = writeln!(s, "component {} {} {:?} -> {}", c.name, locked.sha256, inst.from, inst.to);
+        }
+    }
+    let _ = writeln!(s, "image.json {}", sha256_hex(&image_info(def, role)));
+    let _ = writeln!(s, "layer {} -> {}", firstboot::paths::BINARY, firstboot::paths::LAYER);
+    Ok(sha256_hex(s.as_bytes()))
+}
+
+/// The base tree (hard-linked) with the role's components, image.json, and the mount point of
+/// the firstboot layer with `/usr/bin/firstboot` linked into it.
 pub fn role_tree(
     def: &Definition,
     lock: &Lock,
     role: Role,
     base: &Path,
     cache: &Cache,
-    firstboot: &Path,
     work: &Path,
 ) -> Result<PathBuf, BakeError> {
     let root = work.join("root");
@@ -177,7 +205,6 @@ pub fn role_tree(
         run(Command::new("cp").args(["-a", "--reflink=auto"]).arg(base).arg(&root), "cp")?;
     }
     let io = |what: String, e: std::io::Error| BakeError::Io(format!("{what}: {e}"));
-    let mut versions = std::collections::BTreeMap::new();
     for c in def.components.iter().filter(|c| c.for_role(role)) {
         let locked = lock
             .component(&c.name)
@@ -208,17 +235,80 @@ pub fn role_tree(
                 _ => install_file(&blob, &target)?,
             }
         }
-        versions.insert(c.name.clone(), c.version.clone());
     }
-    install_file(firstboot, &firstboot::paths::under(&root, firstboot::paths::BINARY))?;
-    let info =
-        ImageInfo { name: def.name.clone(), role, kubernetes_version: def.kubernetes.clone(), components: versions };
+    let layer = firstboot::paths::under(&root, firstboot::paths::LAYER);
+    std::fs::create_dir_all(&layer).map_err(|e| io(layer.display().to_string(), e))?;
+    let binary = firstboot::paths::under(&root, firstboot::paths::BINARY);
+    let _ = std::fs::remove_file(&binary);
+    std::os::unix::fs::symlink(Path::new(firstboot::paths::LAYER).join("firstboot"), &binary)
+        .map_err(|e| io(binary.display().to_string(), e))?;
     let info_path = firstboot::paths::under(&root, firstboot::paths::IMAGE_INFO);
     std::fs::create_dir_all(info_path.parent().expect("has parent")).map_err(|e| io("image.json".into(), e))?;
     let _ = std::fs::remove_file(&info_path);
-    std::fs::write(&info_path, serde_json::to_vec_pretty(&info).expect("serializes"))
-        .map_err(|e| io("image.json".into(), e))?;
+    std::fs::write(&info_path, image_info(def, role)).map_err(|e| io("image.json".into(), e))?;
     Ok(root)
+}
+
+/// The role's root file system: from the cache when nothing that goes into its tree changed
+/// (unless `fresh`), else made now from a new role tree and kept in the cache, one per image and
+/// role. Returns the cached file's path (link or copy it, never write to it).
+#[allow(clippy::too_many_arguments)]
+pub fn root_image(
+    def: &Definition,
+    lock: &Lock,
+    role: Role,
+    base: &Path,
+    cache: &Cache,
+    uuid: &str,
+    epoch: i64,
+    work: &Path,
+    fresh: bool,
+) -> Result<PathBuf, BakeError> {
+    let io = |what: &Path, e: std::io::Error| BakeError::Io(format!("{}: {e}", what.display()));
+    let mkfs = super::tool_path("mkfs.erofs").ok_or_else(|| BakeError::Tool {
+        tool: "mkfs.erofs".into(),
+        package: "erofs-utils".into(),
+        reason: "not on PATH".into(),
+    })?;
+    let options = super::disk::erofs_options(uuid, epoch).join(" ");
+    let tool = super::cache::sha256_file(&mkfs).map_err(|e| io(&mkfs, e))?;
+    let key = sha256_hex(
+        format!("v1 root\ntree {}\nmkfs.erofs {tool} {options}\n", role_key(def, lock, role, epoch)?).as_bytes(),
+    );
+    let dir = cache.root.join("roots");
+    let prefix = format!("{}-{role}-", def.name);
+    let cached = dir.join(format!("{prefix}{key}.erofs"));
+    if !fresh && cached.is_file() {
+        tracing::info!("{role}: root file system from the cache ({})", &key[..12]);
+        return Ok(cached);
+    }
+    let root = role_tree(def, lock, role, base, cache, work)?;
+    let made = work.join("root.erofs");
+    super::disk::erofs(&root, &made, uuid, epoch)?;
+    std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+    let tmp = dir.join(format!(".{prefix}{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::hard_link(&made, &tmp).or_else(|_| std::fs::copy(&made, &tmp).map(|_| ())).map_err(|e| io(&tmp, e))?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| io(&tmp, e))?;
+    std::fs::rename(&tmp, &cached).map_err(|e| io(&cached, e))?;
+    // The image's earlier roots go: only the newest of each image and role is worth its space.
+    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let old_key = name.strip_prefix(&prefix).and_then(|n| n.strip_suffix(".erofs"));
+        if old_key.is_some_and(|k| k != key && k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit())) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| io(&dir, e))?;
+    Ok(cached)
+}
+
+/// The firstboot layer's tree: the binary alone, mounted at [`firstboot::paths::LAYER`].
+pub fn firstboot_layer(firstboot: &Path, work: &Path) -> Result<PathBuf, BakeError> {
+    let dir = work.join("firstboot-layer");
+    let _ = std::fs::remove_dir_all(&dir);
+    install_file(firstboot, &dir.join("firstboot"))?;
+    Ok(dir)
 }
 
 fn install_file(src: &Path, dst: &Path) -> Result<(), BakeError> {

@@ -34,10 +34,8 @@ fn not_found(what: String) -> Response {
     (StatusCode::NOT_FOUND, format!("{what}\n")).into_response()
 }
 
-const PXE_FILES: [&str; 4] = ["vmlinuz", "initrd.img", "rootfs.erofs", "boot.ipxe"];
-
 async fn file(State(b): State<Arc<BootFiles>>, Path((role, name)): Path<(String, String)>) -> Response {
-    if role.parse::<Role>().is_err() || !PXE_FILES.contains(&name.as_str()) {
+    if role.parse::<Role>().is_err() || !crate::image::outputs::PXE_FILES.contains(&name.as_str()) {
         return not_found(format!("no {role}/{name}"));
     }
     let path = b.dir.join(&role).join("pxe").join(&name);
