@@ -49,8 +49,8 @@ pub struct BakeArgs {
     /// The firstboot binary to install (default: the one next to this imgbuild)
     #[arg(long, value_name = "FILE")]
     pub firstboot: Option<PathBuf>,
-    /// Rebuild the role's base tree even if the cache has it (a reproducibility check: the
-    /// result must be byte-identical)
+    /// Rebuild the role's base tree and root file system even if the cache has them (a
+    /// reproducibility check: the result must be byte-identical)
     #[arg(long)]
     pub fresh_tree: bool,
 }

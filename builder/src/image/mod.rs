@@ -120,7 +120,8 @@ pub struct BakeOptions {
     pub offline: bool,
     pub cache: PathBuf,
     pub firstboot: PathBuf,
-    /// Rebuild the base tree even when the cache has it (reproducibility checks).
+    /// Rebuild the base tree and the root file system even when the cache has them
+    /// (reproducibility checks).
     pub fresh_tree: bool,
 }
 
