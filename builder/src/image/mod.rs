@@ -200,6 +200,15 @@ pub async fn fetch(def: &Definition, lock: &Lock, cache: &Cache, roles: &[Role])
     Ok(())
 }
 
+/// `dst` (replaced) as a hard link of `src`, or a copy where they are on different file systems.
+pub(crate) fn link_or_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(dst);
+    std::fs::hard_link(src, dst).or_else(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Err(e),
+        _ => std::fs::copy(src, dst).map(|_| ()),
+    })
+}
+
 /// Removes a directory tree when dropped (the temp output of a failed bake).
 struct Cleanup(PathBuf);
 

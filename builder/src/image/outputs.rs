@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use super::cache::sha256_file;
 use super::definition::Definition;
 use super::lock::Lock;
-use super::{BakeError, vmdk};
+use super::{BakeError, link_or_copy, vmdk};
 use crate::templates;
 
 /// The PXE kernel command line (the root image comes as an initrd: RAM mode).
@@ -21,13 +21,6 @@ pub fn pxe_cmdline() -> String {
 
 /// The files of a PXE set, as `pxe/` holds them and `imgbuild serve` serves them.
 pub const PXE_FILES: [&str; 5] = ["vmlinuz", "initrd.img", "rootfs.erofs", "firstboot.erofs", "boot.ipxe"];
-
-fn link_or_copy(src: &Path, dst: &Path) -> Result<(), BakeError> {
-    let _ = std::fs::remove_file(dst);
-    std::fs::hard_link(src, dst)
-        .or_else(|_| std::fs::copy(src, dst).map(|_| ()))
-        .map_err(|e| BakeError::Io(format!("{}: {e}", dst.display())))
-}
 
 /// `pxe/`: vmlinuz, initrd.img, rootfs.erofs, firstboot.erofs and boot.ipxe.
 pub fn pxe(
@@ -42,8 +35,9 @@ pub fn pxe(
     std::fs::copy(tree.join("vmlinuz"), dir.join("vmlinuz")).map_err(|e| BakeError::Io(format!("vmlinuz: {e}")))?;
     std::fs::copy(tree.join("initrd.img"), dir.join("initrd.img"))
         .map_err(|e| BakeError::Io(format!("initrd.img: {e}")))?;
-    link_or_copy(rootfs, &dir.join("rootfs.erofs"))?;
-    link_or_copy(firstboot, &dir.join("firstboot.erofs"))?;
+    for (src, name) in [(rootfs, "rootfs.erofs"), (firstboot, "firstboot.erofs")] {
+        link_or_copy(src, &dir.join(name)).map_err(|e| BakeError::Io(format!("pxe/{name}: {e}")))?;
+    }
     let script = templates::render("boot.ipxe", json!({"role": role, "image": def.name, "cmdline": pxe_cmdline()}))
         .map_err(|e| BakeError::Io(format!("boot.ipxe: {e}")))?;
     std::fs::write(dir.join("boot.ipxe"), script).map_err(|e| BakeError::Io(e.to_string()))

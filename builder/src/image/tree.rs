@@ -18,7 +18,7 @@ use firstboot::proto::ImageInfo;
 use super::cache::Cache;
 use super::definition::Definition;
 use super::lock::{Lock, sha256_hex};
-use super::{BakeError, run};
+use super::{BakeError, link_or_copy, run};
 
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/image_files.rs"));
@@ -118,9 +118,7 @@ pub fn base_tree(
             return Err(BakeError::Io(format!("{} {} is not in the cache: run `imgbuild fetch`", p.name, p.version)));
         }
         let link = repo.join(p.file_name());
-        std::fs::hard_link(&blob, &link)
-            .or_else(|_| std::fs::copy(&blob, &link).map(|_| ()))
-            .map_err(|e| io("repo", e))?;
+        link_or_copy(&blob, &link).map_err(|e| io("repo", e))?;
         include.push(format!("{}={}", p.name, p.version));
     }
     let packages = run(Command::new("dpkg-scanpackages").args(["-m", "."]).current_dir(&repo), "dpkg-scanpackages")?;
@@ -249,9 +247,10 @@ pub fn role_tree(
     Ok(root)
 }
 
-/// The role's root file system: from the cache when nothing that goes into its tree changed
-/// (unless `fresh`), else made now from a new role tree and kept in the cache, one per image and
-/// role. Returns the cached file's path (link or copy it, never write to it).
+/// The role's root file system, as `work/root.erofs`: linked from the cache when nothing that
+/// goes into its tree changed (unless `fresh`), else made now from a new role tree and kept in the
+/// cache, one per image and role. The bake holds its own link, so a concurrent bake pruning the
+/// cache cannot take it away; the file is never written to once made.
 #[allow(clippy::too_many_arguments)]
 pub fn root_image(
     def: &Definition,
@@ -278,29 +277,40 @@ pub fn root_image(
     let dir = cache.root.join("roots");
     let prefix = format!("{}-{role}-", def.name);
     let cached = dir.join(format!("{prefix}{key}.erofs"));
-    if !fresh && cached.is_file() {
+    let made = work.join("root.erofs");
+    if !fresh && link_or_copy(&cached, &made).is_ok() {
         tracing::info!("{role}: root file system from the cache ({})", &key[..12]);
-        return Ok(cached);
+        return Ok(made);
     }
     let root = role_tree(def, lock, role, base, cache, work)?;
-    let made = work.join("root.erofs");
     super::disk::erofs(&root, &made, uuid, epoch)?;
-    std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+    // A root that cannot be kept costs the next bake time, not this one its result.
+    if let Err(e) = keep(&made, &dir, &prefix, &key) {
+        tracing::warn!("{role}: the root file system is not kept in the cache: {e}");
+    }
+    Ok(made)
+}
+
+/// Puts a root file system into the cache as `<prefix><key>.erofs` (durably, all or nothing) and
+/// drops the image's and role's earlier roots: only the newest is worth its space.
+fn keep(made: &Path, dir: &Path, prefix: &str, key: &str) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".{prefix}{}.tmp", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    std::fs::hard_link(&made, &tmp).or_else(|_| std::fs::copy(&made, &tmp).map(|_| ())).map_err(|e| io(&tmp, e))?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| io(&tmp, e))?;
-    std::fs::rename(&tmp, &cached).map_err(|e| io(&cached, e))?;
-    // The image's earlier roots go: only the newest of each image and role is worth its space.
-    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+    let kept = link_or_copy(made, &tmp)
+        .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|_| std::fs::rename(&tmp, dir.join(format!("{prefix}{key}.erofs"))));
+    if kept.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return kept;
+    }
+    for e in std::fs::read_dir(dir)?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let old_key = name.strip_prefix(&prefix).and_then(|n| n.strip_suffix(".erofs"));
+        let old_key = name.strip_prefix(prefix).and_then(|n| n.strip_suffix(".erofs"));
         if old_key.is_some_and(|k| k != key && k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit())) {
             let _ = std::fs::remove_file(e.path());
         }
     }
-    std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| io(&dir, e))?;
-    Ok(cached)
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// The firstboot layer's tree: the binary alone, mounted at [`firstboot::paths::LAYER`].
