@@ -1,9 +1,9 @@
 //! Disk assembly without loop devices or mounts: each file system is made from files by its own
 //! tool (mkfs.erofs from the trees of the root and of the firstboot layer, mkfs.vfat + mtools for
 //! the ESP, mkfs.ext4 for the empty state file system), a GPT is written by sfdisk on a plain
-//! file, and the file systems are copied in at their offsets, sparsely. Every identifier (GPT GUIDs, file-system UUIDs, the FAT volume id)
-//! is derived from the image's inputs and every timestamp is SOURCE_DATE_EPOCH, so the same
-//! inputs give the same bytes.
+//! file, and the file systems are copied in at their offsets, sparsely. Every identifier (GPT
+//! GUIDs, file-system UUIDs, the FAT volume id) is derived from the image's inputs and every
+//! timestamp is SOURCE_DATE_EPOCH, so the same inputs give the same bytes.
 
 use std::io::Write;
 use std::path::Path;
