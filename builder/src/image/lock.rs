@@ -78,6 +78,8 @@ pub enum LockError {
     Stale { lock: PathBuf, definition: PathBuf },
     #[error("keyring {path}: {reason}")]
     Keyring { path: String, reason: String },
+    #[error("component {0} is not in the lock: run `imgbuild lock`")]
+    Missing(String),
     #[error(transparent)]
     Cache(#[from] super::cache::CacheError),
     #[error("{0}")]
@@ -121,6 +123,11 @@ impl Lock {
 
     pub fn component(&self, name: &str) -> Option<&LockedComponent> {
         self.components.iter().find(|c| c.name == name)
+    }
+
+    /// The locked component a build needs, or the error that says to lock again.
+    pub fn require(&self, name: &str) -> Result<&LockedComponent, LockError> {
+        self.component(name).ok_or_else(|| LockError::Missing(name.to_string()))
     }
 }
 

@@ -76,16 +76,19 @@ fn tool_path(tool: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(tool)).find(|p| p.is_file())
 }
 
+/// A host tool's path, or the error that names its package.
+fn require_tool(tool: &str) -> Result<PathBuf, BakeError> {
+    tool_path(tool).ok_or_else(|| BakeError::Tool {
+        tool: tool.into(),
+        package: package_of(tool).into(),
+        reason: "not on PATH".into(),
+    })
+}
+
 /// Fails naming the first missing host tool and its package.
 pub fn check_tools() -> Result<(), BakeError> {
-    for (tool, package) in TOOLS {
-        if tool_path(tool).is_none() {
-            return Err(BakeError::Tool {
-                tool: tool.to_string(),
-                package: package.to_string(),
-                reason: "not on PATH".into(),
-            });
-        }
+    for (tool, _) in TOOLS {
+        require_tool(tool)?;
     }
     if !Path::new("/usr/lib/grub/x86_64-efi/linux.mod").exists() {
         return Err(BakeError::Tool {
@@ -169,9 +172,7 @@ pub async fn prepare(
 pub async fn fetch(def: &Definition, lock: &Lock, cache: &Cache, roles: &[Role]) -> Result<(), BakeError> {
     lock::keyring(def, cache).await?;
     for c in def.components.iter().filter(|c| roles.iter().any(|r| c.for_role(*r))) {
-        let locked = lock
-            .component(&c.name)
-            .ok_or_else(|| BakeError::Io(format!("component {} is not in the lock: run `imgbuild lock`", c.name)))?;
+        let locked = lock.require(&c.name)?;
         if !cache.has(&locked.sha256) {
             let (sha256, _) = lock::component_blob(c, cache).await?;
             if sha256 != locked.sha256 {

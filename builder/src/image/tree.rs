@@ -171,9 +171,7 @@ fn image_info(def: &Definition, role: Role) -> Vec<u8> {
 pub fn role_key(def: &Definition, lock: &Lock, role: Role, epoch: i64) -> Result<String, BakeError> {
     let mut s = format!("v1 role tree\nbase {}\n", base_key(def, lock, role, epoch));
     for c in def.components.iter().filter(|c| c.for_role(role)) {
-        let locked = lock
-            .component(&c.name)
-            .ok_or_else(|| BakeError::Io(format!("component {} is not in the lock: run `imgbuild lock`", c.name)))?;
+        let locked = lock.require(&c.name)?;
         for inst in c.install.iter().filter(|i| i.roles.contains(&role)) {
             let _ = writeln!(s, "component {} {} {:?} -> {}", c.name, locked.sha256, inst.from, inst.to);
         }
@@ -204,9 +202,7 @@ pub fn role_tree(
     }
     let io = |what: String, e: std::io::Error| BakeError::Io(format!("{what}: {e}"));
     for c in def.components.iter().filter(|c| c.for_role(role)) {
-        let locked = lock
-            .component(&c.name)
-            .ok_or_else(|| BakeError::Io(format!("component {} is not in the lock: run `imgbuild lock`", c.name)))?;
+        let locked = lock.require(&c.name)?;
         let blob = cache.blob(&locked.sha256);
         let src_dir = if c.is_archive() {
             let x = work.join("extract").join(&c.name);
@@ -264,11 +260,7 @@ pub fn root_image(
     fresh: bool,
 ) -> Result<PathBuf, BakeError> {
     let io = |what: &Path, e: std::io::Error| BakeError::Io(format!("{}: {e}", what.display()));
-    let mkfs = super::tool_path("mkfs.erofs").ok_or_else(|| BakeError::Tool {
-        tool: "mkfs.erofs".into(),
-        package: "erofs-utils".into(),
-        reason: "not on PATH".into(),
-    })?;
+    let mkfs = super::require_tool("mkfs.erofs")?;
     let options = super::disk::erofs_options(uuid, epoch).join(" ");
     let tool = super::cache::sha256_file(&mkfs).map_err(|e| io(&mkfs, e))?;
     let key = sha256_hex(
