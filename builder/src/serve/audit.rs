@@ -1,5 +1,7 @@
 //! The audit log: one JSON line per enrollment, signature, refusal, approval and report, appended
-//! to `audit.log` in the state dir and mirrored to the log at info level.
+//! to `audit.log` in the state dir. Refusals are also logged at warn level, so they reach the
+//! journal; the other events at debug level (`IMGBUILD_LOG=audit=debug`): at fleet scale they
+//! are the audit file's job, and logging each twice costs the server a write per event.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -8,8 +10,26 @@ use std::sync::Mutex;
 
 use time::OffsetDateTime;
 
+/// The event logged at warn level.
+pub const REFUSED: &str = "refused";
+
 pub struct Audit {
     file: Option<Mutex<File>>,
+}
+
+/// One audit line: `{"ts":…,"event":…,"k":"v",…}`, keys in the order given.
+fn format_line(ts: OffsetDateTime, event: &str, fields: &[(&str, &str)]) -> String {
+    let mut line = Vec::with_capacity(128);
+    let ts = ts.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+    for (i, (k, v)) in [("ts", ts.as_str()), ("event", event)].iter().chain(fields).enumerate() {
+        line.push(if i == 0 { b'{' } else { b',' });
+        // Writing a str into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut line, k);
+        line.push(b':');
+        let _ = serde_json::to_writer(&mut line, v);
+    }
+    line.push(b'}');
+    String::from_utf8(line).expect("serde_json writes UTF-8")
 }
 
 impl Audit {
@@ -25,20 +45,36 @@ impl Audit {
     }
 
     pub fn line(&self, event: &str, fields: &[(&str, &str)]) {
-        let mut obj = serde_json::Map::new();
-        let ts = OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
-        obj.insert("ts".into(), ts.into());
-        obj.insert("event".into(), event.into());
-        for (k, v) in fields {
-            obj.insert((*k).into(), (*v).into());
+        let mut line = format_line(OffsetDateTime::now_utc(), event, fields);
+        if event == REFUSED {
+            tracing::warn!(target: "audit", "{line}");
+        } else {
+            tracing::debug!(target: "audit", "{line}");
         }
-        let line = serde_json::Value::Object(obj).to_string();
-        tracing::info!(target: "audit", "{line}");
         if let Some(f) = &self.file {
+            line.push('\n');
+            // One write per line, so concurrent appends never interleave.
             let mut f = f.lock().expect("audit lock");
-            if let Err(e) = writeln!(f, "{line}") {
+            if let Err(e) = f.write_all(line.as_bytes()) {
                 tracing::error!("cannot append to the audit log: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_is_one_json_object_with_the_fields_in_order() {
+        let ts = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let line = format_line(ts, "refused", &[("op", "enroll"), ("reason", "token \"x\" expired\n")]);
+        assert_eq!(
+            line,
+            r#"{"ts":"2023-11-14T22:13:20Z","event":"refused","op":"enroll","reason":"token \"x\" expired\n"}"#
+        );
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["reason"], "token \"x\" expired\n");
     }
 }

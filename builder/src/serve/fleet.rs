@@ -238,7 +238,7 @@ impl Fleet {
 
     fn refuse(&self, what: &str, source: IpAddr, subject: &str, e: ApiError) -> ApiError {
         self.audit.line(
-            "refused",
+            super::audit::REFUSED,
             &[
                 ("op", what),
                 ("source", &source.to_string()),
