@@ -268,8 +268,13 @@ pub struct Ca {
     pub kind: CaKind,
     pub cert_pem: String,
     cert_der: CertificateDer<'static>,
+    pin: CaPin,
     not_after: OffsetDateTime,
     issuer: Issuer<'static, KeyPair>,
+}
+
+fn pin_of(cert_der: &[u8]) -> CaPin {
+    CaPin::of_cert_der(cert_der).expect("a CA certificate we hold always parses")
 }
 
 impl Ca {
@@ -292,6 +297,7 @@ impl Ca {
             kind,
             cert_pem: cert.pem(),
             cert_der: cert.der().clone(),
+            pin: pin_of(cert.der()),
             not_after: params.not_after,
             issuer: Issuer::new(params, key),
         };
@@ -310,7 +316,8 @@ impl Ca {
         }
         let not_after = x509.validity().not_after.to_datetime();
         let issuer = Issuer::from_ca_cert_der(&der, key).map_err(|e| invalid(format!("CA certificate: {e}")))?;
-        Ok(Ca { kind, cert_pem: cert_pem.to_string(), cert_der: der.into_owned(), not_after, issuer })
+        let pin = pin_of(&der);
+        Ok(Ca { kind, cert_pem: cert_pem.to_string(), cert_der: der.into_owned(), pin, not_after, issuer })
     }
 
     /// Loads a CA from a PKI directory.
@@ -328,7 +335,7 @@ impl Ca {
 
     /// kubeadm's `--discovery-token-ca-cert-hash` for this CA.
     pub fn pin(&self) -> CaPin {
-        CaPin::of_cert_der(&self.cert_der).expect("a CA certificate we hold always parses")
+        self.pin
     }
 
     /// Issues a certificate for `public_key` as `spec` says.

@@ -93,11 +93,6 @@ fn unit(name: &str, start: bool, restart: bool) -> UnitSpec {
     UnitSpec { name: name.into(), enable: true, start, restart }
 }
 
-/// A template context, converted once for every template rendered with it.
-fn context(ctx: &Value) -> minijinja::Value {
-    minijinja::Value::from_serialize(ctx)
-}
-
 fn render(name: &str, ctx: &minijinja::Value) -> Result<String, ApiError> {
     templates::render(name, ctx).map_err(|e| {
         tracing::error!("template {name}: {e:#}");
@@ -206,14 +201,15 @@ impl Renderer {
         let etcd_member = c.etcd_members().any(|m| m.name == node.name);
         let taint = master.then(|| format!("{}:NoSchedule", v.control_plane_taint));
         let vip_url = c.api.url();
-        let ctx = json!({
-            "node": node.name, "role": node.role, "node_ip": node_ip, "cluster": c.name, "v": v,
-            "cluster_dns": c.networks.cluster_dns.to_string(), "dns_domain": c.networks.dns_domain,
-            "pod_cidr": c.networks.pod_cidr.to_string(), "service_cidr": c.networks.service_cidr.to_string(),
-            "node_pod_cidr": pod_cidr, "taint": taint, "vip": c.api.vip.to_string(), "port": c.api.port,
-            "containerd2": inputs.containerd2, "systemd_cgroup": v.cgroup_driver == "systemd", "pause_image": PAUSE_IMAGE,
-        });
-        let node_ctx = context(&ctx);
+        // Built once; the per-template additions below are layered over it, not copies of it.
+        let node_ctx = minijinja::context! {
+            node => node.name, role => node.role, node_ip => node_ip, cluster => c.name, v => v,
+            cluster_dns => c.networks.cluster_dns.to_string(), dns_domain => c.networks.dns_domain,
+            pod_cidr => c.networks.pod_cidr.to_string(), service_cidr => c.networks.service_cidr.to_string(),
+            node_pod_cidr => pod_cidr, taint => taint, vip => c.api.vip.to_string(), port => c.api.port,
+            containerd2 => inputs.containerd2, systemd_cgroup => v.cgroup_driver == "systemd",
+            pause_image => PAUSE_IMAGE,
+        };
         let mut files = vec![file("/etc/kubernetes/pki/ca.crt", 0o644, self.ca_pem(CaKind::Cluster))];
         let mut units = Vec::new();
         let mut sysctls = BTreeMap::from([
@@ -238,21 +234,19 @@ impl Renderer {
                     c.networks.node_pod_cidr(i).map(|cidr| json!({"cidr": cidr.to_string(), "via": n.ip().to_string()}))
                 })
                 .collect();
-            let mut rctx = ctx.clone();
-            rctx["routes"] = Value::Array(routes);
-            files.push(unit_file("imgbuild-pod-routes.service", &context(&rctx))?);
+            let rctx = minijinja::context! { routes => routes, ..node_ctx.clone() };
+            files.push(unit_file("imgbuild-pod-routes.service", &rctx)?);
             files.push(rendered("/etc/containerd/config.toml", "node/containerd-config.toml", &node_ctx)?);
             files.push(rendered("/etc/cni/net.d/10-imgbuild.conflist", "node/cni.conflist", &node_ctx)?);
             files.push(rendered("/var/lib/kubelet/config.yaml", "node/kubelet-config.yaml", &node_ctx)?);
             files.push(unit_file("kubelet.service", &node_ctx)?);
             for mode in ["ipvs", "iptables"] {
-                let mut pctx = ctx.clone();
-                pctx["mode"] = mode.into();
-                files.push(file(
+                let pctx = minijinja::context! { mode => mode, ..node_ctx.clone() };
+                files.push(rendered(
                     &format!("/var/lib/kube-proxy/config-{mode}.yaml"),
-                    0o644,
-                    render("node/kube-proxy-config.yaml", &context(&pctx))?,
-                ));
+                    "node/kube-proxy-config.yaml",
+                    &pctx,
+                )?);
             }
             files.push(unit_file("kube-proxy.service", &node_ctx)?);
             files.push(file(
@@ -271,10 +265,9 @@ impl Renderer {
         if etcd_member {
             let initial: Vec<String> =
                 c.etcd_members().map(|m| format!("{}=https://{}:2380", m.name, m.ip())).collect();
-            let mut ectx = ctx.clone();
-            ectx["initial_cluster"] = initial.join(",").into();
+            let ectx = minijinja::context! { initial_cluster => initial.join(","), ..node_ctx.clone() };
             files.push(file("/etc/kubernetes/pki/etcd/ca.crt", 0o644, self.ca_pem(CaKind::Etcd)));
-            files.push(unit_file("etcd.service", &context(&ectx))?);
+            files.push(unit_file("etcd.service", &ectx)?);
             units.insert(0, unit("etcd.service", true, true));
         }
         if master {
@@ -285,15 +278,16 @@ impl Renderer {
             let etcd_servers: Vec<String> = c.etcd_members().map(|m| format!("https://{}:2379", m.ip())).collect();
             let masters: Vec<Value> = c.masters().map(|m| json!({"name": m.name, "ip": m.ip().to_string()})).collect();
             let position = c.masters().position(|m| m.name == node.name).unwrap_or(0);
-            let mut mctx = ctx.clone();
-            mctx["etcd_servers"] = etcd_servers.join(",").into();
-            mctx["masters"] = Value::Array(masters.clone());
-            mctx["peers"] = Value::Array(masters.into_iter().filter(|m| m["name"] != node.name.as_str()).collect());
-            mctx["priority"] = (150 - 10 * position as i64).into();
-            mctx["router_id"] =
-                (u64::from(crate::image::lock::sha256_hex(c.name.as_bytes()).as_bytes()[0]) % 254 + 1).into();
-            mctx["prefix"] = inventory.map_or(24, |n| n.address.prefix_len()).into();
-            let mctx = context(&mctx);
+            let peers: Vec<Value> = masters.iter().filter(|m| m["name"] != node.name.as_str()).cloned().collect();
+            let mctx = minijinja::context! {
+                etcd_servers => etcd_servers.join(","),
+                masters => masters,
+                peers => peers,
+                priority => 150 - 10 * position as i64,
+                router_id => u64::from(crate::image::lock::sha256_hex(c.name.as_bytes()).as_bytes()[0]) % 254 + 1,
+                prefix => inventory.map_or(24, |n| n.address.prefix_len()),
+                ..node_ctx.clone()
+            };
             if !etcd_member {
                 files.push(file("/etc/kubernetes/pki/etcd/ca.crt", 0o644, self.ca_pem(CaKind::Etcd)));
             }
@@ -337,7 +331,7 @@ impl Renderer {
         if !kubelet {
             modules.retain(|m| m == "overlay");
         }
-        let sctx = context(&json!({"sysctls": sysctls, "modules": modules}));
+        let sctx = minijinja::context! { sysctls => sysctls, modules => modules };
         files.push(rendered("/etc/sysctl.d/90-kubernetes.conf", "node/sysctl.conf", &sctx)?);
         files.push(rendered("/etc/modules-load.d/kubernetes.conf", "node/modules.conf", &sctx)?);
 
