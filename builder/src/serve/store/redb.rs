@@ -3,7 +3,7 @@
 //! once that transaction is durable. Values are stored as an 8-byte big-endian version followed
 //! by the bytes; versions come from one counter, so they only grow.
 //!
-//! Under load the writer lingers: when the last transaction held more than one commit, it waits
+//! Under load the writer lingers: when the last group held more than one commit, it waits
 //! up to [`LINGER`] for more before committing, as PostgreSQL's `commit_delay` does. A commit's
 //! cost is mostly fixed (the page-table pages, the header, the fsync), so fewer, larger groups
 //! save the server CPU; a lone commit (one machine enrolling) never waits.
