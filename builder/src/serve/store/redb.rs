@@ -95,14 +95,13 @@ fn writer(db: &Database, path: &Path, rx: mpsc::Receiver<(Txn, Reply)>) {
         let until = Instant::now() + LINGER;
         while batch.len() < MAX_BATCH {
             let next = match rx.try_recv() {
-                Err(mpsc::TryRecvError::Empty) if busy => {
-                    rx.recv_timeout(until.saturating_duration_since(Instant::now())).map_err(|_| ())
-                }
-                other => other.map_err(|_| ()),
+                Ok(item) => Some(item),
+                Err(_) if busy => rx.recv_timeout(until.saturating_duration_since(Instant::now())).ok(),
+                Err(_) => None,
             };
             match next {
-                Ok(item) => batch.push(item),
-                Err(()) => break,
+                Some(item) => batch.push(item),
+                None => break,
             }
         }
         busy = batch.len() > 1;
