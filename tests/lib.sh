@@ -38,7 +38,7 @@ trap 'exit 130' INT TERM
 ib_build() {
   [ "${IB_BUILD:-1}" = 0 ] && [ -x "$IMGBUILD" ] && [ -x "$FIRSTBOOT" ] && return
   log "cargo build --release (imgbuild, firstboot)"
-  cargo build --release --locked -p imgbuild -p firstboot --bins >&2 || fail "cargo build --release"
+  cargo build --release --locked --bins >&2 || fail "cargo build --release"
 }
 
 # ib_bake OUT ROLE... [-- ARGS]: bakes images/debian-12.toml for these roles into OUT.

@@ -4,11 +4,14 @@
 pub mod cli;
 pub mod cluster;
 pub mod commands;
+pub mod digest;
 pub mod image;
 pub mod kube;
 pub mod payload;
 pub mod pki;
+pub mod progress;
 pub mod serve;
 pub mod state;
 pub mod templates;
 pub mod tokens;
+pub mod tools;

@@ -17,9 +17,11 @@ fn main() -> ExitCode {
         1 => "debug",
         _ => "trace",
     };
+    // Log lines print above the progress bars of long work, not through them.
+    let progress = imgbuild::progress::install(imgbuild::progress::Progress::detect());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("IMGBUILD_LOG").unwrap_or_else(|_| level.into()))
-        .with_writer(std::io::stderr)
+        .with_writer(progress.clone())
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();

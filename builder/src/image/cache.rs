@@ -5,13 +5,12 @@
 //! Default location: `/var/cache/imgbuild` (root) or `$XDG_CACHE_HOME/imgbuild`;
 //! `IMGBUILD_CACHE` or `--cache` override it.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use ring::digest;
+use crate::digest::sha256_and_512_file;
+use crate::progress::Task;
 
 /// An expected digest, as the definition or lock gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,8 +36,8 @@ pub enum CacheError {
         "{what} is not in the cache ({digest}) and --offline forbids fetching it; run `imgbuild fetch` where the sources are reachable, then copy {cache}"
     )]
     Missing { what: String, digest: String, cache: String },
-    #[error("{what}: cannot download {url}: {reason}")]
-    Download { what: String, url: String, reason: String },
+    #[error("{what}: cannot download {url} ({attempts} attempts): {reason}")]
+    Download { what: String, url: String, reason: String, attempts: u32 },
     #[error("{what}: {path}: {source}")]
     Io {
         what: String,
@@ -48,52 +47,11 @@ pub enum CacheError {
     },
 }
 
-/// Lower-case hex of a digest.
-pub fn hex(b: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(2 * b.len());
-    for x in b {
-        s.push(char::from(DIGITS[usize::from(x >> 4)]));
-        s.push(char::from(DIGITS[usize::from(x & 15)]));
-    }
-    s
-}
-
-/// Feeds a file to `f`, a MiB at a time.
-fn each_block(path: &Path, mut f: impl FnMut(&[u8])) -> std::io::Result<()> {
-    let mut file = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match file.read(&mut buf)? {
-            0 => return Ok(()),
-            n => f(&buf[..n]),
-        }
-    }
-}
-
-/// A file's SHA-256 (hex): what manifests and `.mf` files name outputs by.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut s256 = digest::Context::new(&digest::SHA256);
-    each_block(path, |b| s256.update(b))?;
-    Ok(hex(s256.finish().as_ref()))
-}
-
-/// Both digests of a file.
-pub fn digest_file(path: &Path) -> std::io::Result<(String, String)> {
-    let (mut s256, mut s512) = (digest::Context::new(&digest::SHA256), digest::Context::new(&digest::SHA512));
-    each_block(path, |b| {
-        s256.update(b);
-        s512.update(b);
-    })?;
-    Ok((hex(s256.finish().as_ref()), hex(s512.finish().as_ref())))
-}
-
 #[derive(Clone)]
 pub struct Cache {
     pub root: PathBuf,
     pub offline: bool,
     http: reqwest::Client,
-    progress: Arc<MultiProgress>,
 }
 
 pub fn default_dir() -> PathBuf {
@@ -134,8 +92,9 @@ impl Cache {
             what: "cache".into(),
             url: String::new(),
             reason: e.to_string(),
+            attempts: 0,
         })?;
-        Ok(Cache { root: root.to_path_buf(), offline, http, progress: Arc::new(MultiProgress::new()) })
+        Ok(Cache { root: root.to_path_buf(), offline, http })
     }
 
     pub fn blob(&self, sha256: &str) -> PathBuf {
@@ -153,7 +112,7 @@ impl Cache {
     /// Verifies `tmp` against `expect` and moves it into the cache; returns the sha256.
     fn admit(&self, what: &str, tmp: &Path, expect: &Digest) -> Result<String, CacheError> {
         let io = |source| CacheError::Io { what: what.into(), path: tmp.to_path_buf(), source };
-        let (s256, s512) = digest_file(tmp).map_err(io)?;
+        let (s256, s512) = sha256_and_512_file(tmp).map_err(io)?;
         let (want, got) = match expect {
             Digest::Sha256(h) => (h, &s256),
             Digest::Sha512(h) => (h, &s512),
@@ -190,8 +149,15 @@ impl Cache {
         self.admit(what, &tmp, expect)
     }
 
-    /// Downloads `url` into the cache unless it is there; resumes a partial download.
-    pub async fn fetch(&self, what: &str, url: &str, expect: &Digest, size: Option<u64>) -> Result<String, CacheError> {
+    /// Downloads `url` into the cache unless it is there; resumes a partial download, and
+    /// retries three times (saying so) before it gives up. Bytes received count on `progress`.
+    pub async fn fetch(
+        &self,
+        what: &str,
+        url: &str,
+        expect: &Digest,
+        progress: Option<&Task>,
+    ) -> Result<String, CacheError> {
         if let Some(p) = self.lookup(expect) {
             return Ok(p.file_name().expect("blob name").to_string_lossy().into_owned());
         }
@@ -202,8 +168,6 @@ impl Cache {
             Digest::Sha256(h) | Digest::Sha512(h) => h[..32].to_string(),
         };
         let part = self.root.join("partial").join(format!("{key}.part"));
-        let dl = |reason: String| CacheError::Download { what: what.into(), url: url.into(), reason };
-        let io = |source| CacheError::Io { what: what.into(), path: part.clone(), source };
         let mut attempt = 0;
         loop {
             let have = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
@@ -218,42 +182,36 @@ impl Cache {
                 if !status.is_success() {
                     return Err(format!("HTTP {status}"));
                 }
-                let total = size.or_else(|| resp.content_length().map(|l| if append { l + have } else { l }));
-                let bar = self.progress.add(ProgressBar::new(total.unwrap_or(0)));
-                bar.set_style(
-                    ProgressStyle::with_template("{msg:30!} {bar:30} {bytes:>10}/{total_bytes:10} {bytes_per_sec:>12}")
-                        .expect("valid template"),
-                );
-                bar.set_message(what.to_string());
                 let mut f = std::fs::OpenOptions::new()
                     .create(true)
                     .write(true)
                     .append(append)
                     .truncate(!append)
                     .open(&part)
-                    .map_err(|e| e.to_string())?;
-                if append {
-                    bar.set_position(have);
+                    .map_err(|e| format!("{}: {e}", part.display()))?;
+                while let Some(chunk) = resp.chunk().await.map_err(|e| firstboot::error_chain(&e))? {
+                    f.write_all(&chunk).map_err(|e| format!("{}: {e}", part.display()))?;
+                    if let Some(t) = progress {
+                        t.inc(chunk.len() as u64);
+                    }
                 }
-                while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
-                    f.write_all(&chunk).map_err(|e| e.to_string())?;
-                    bar.inc(chunk.len() as u64);
-                }
-                f.sync_all().map_err(|e| e.to_string())?;
-                bar.finish_and_clear();
-                Ok(())
+                f.sync_all().map_err(|e| format!("{}: {e}", part.display()))
             }
             .await;
             match result {
                 Ok(()) => return self.admit(what, &part, expect),
                 Err(e) if attempt < 3 => {
-                    tracing::warn!("{what}: {e}; retrying (resuming)");
                     attempt += 1;
+                    tracing::warn!("{what}: {e}; retrying ({attempt} of 3), resuming where it stopped");
                     tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
                 }
-                Err(e) => {
-                    let _ = io;
-                    return Err(dl(e));
+                Err(reason) => {
+                    return Err(CacheError::Download {
+                        what: what.into(),
+                        url: url.into(),
+                        reason,
+                        attempts: attempt + 1,
+                    });
                 }
             }
         }

@@ -5,12 +5,13 @@
 //! GUIDs, file-system UUIDs, the FAT volume id) is derived from the image's inputs and every
 //! timestamp is SOURCE_DATE_EPOCH, so the same inputs give the same bytes.
 
-use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
-use super::lock::sha256_hex;
-use super::{BakeError, run};
+use super::{BakeError, IoAt};
+use crate::digest::sha256_hex;
+use crate::progress::{self, Unit};
+use crate::tools::run;
 
 const MIB: u64 = 1 << 20;
 pub const STATE_LABEL: &str = "imgbuild-state";
@@ -82,7 +83,18 @@ pub fn erofs_options(uuid: &str, epoch: i64) -> [String; 4] {
 
 /// A read-only file system of `tree` (the root, or the firstboot layer).
 pub fn erofs(tree: &Path, out: &Path, uuid: &str, epoch: i64) -> Result<(), BakeError> {
-    run(Command::new("mkfs.erofs").args(erofs_options(uuid, epoch)).arg(out).arg(tree), "mkfs.erofs").map(|_| ())
+    run(Command::new("mkfs.erofs").args(erofs_options(uuid, epoch)).arg(out).arg(tree), "mkfs.erofs")?;
+    Ok(())
+}
+
+/// [`erofs`], shown as a step of its own (the root's takes a while; mkfs.erofs reports no
+/// progress, so the step shows its time).
+pub fn erofs_step(label: &str, tree: &Path, out: &Path, uuid: &str, epoch: i64) -> Result<(), BakeError> {
+    let task = progress::global().task(label, Unit::Time);
+    erofs(tree, out, uuid, epoch)?;
+    let size = std::fs::metadata(out).at(out)?.len();
+    task.finish(format!("erofs, {}", progress::mib(size)));
+    Ok(())
 }
 
 fn round_up(n: u64, to: u64) -> u64 {
@@ -91,10 +103,9 @@ fn round_up(n: u64, to: u64) -> u64 {
 
 /// The EFI system partition: GRUB (config built in), the kernel and the initramfs.
 pub fn esp(tree: &Path, work: &Path, out: &Path, ids: &Ids, cmdline: &str, epoch: i64) -> Result<u64, BakeError> {
-    let io = |what: &str, e: std::io::Error| BakeError::Io(format!("ESP {what}: {e}"));
     let stage = work.join("esp");
     let boot = stage.join("EFI/BOOT");
-    std::fs::create_dir_all(&boot).map_err(|e| io("stage", e))?;
+    std::fs::create_dir_all(&boot).at(&boot)?;
     let cfg = work.join("grub-early.cfg");
     std::fs::write(
         &cfg,
@@ -103,7 +114,7 @@ pub fn esp(tree: &Path, work: &Path, out: &Path, ids: &Ids, cmdline: &str, epoch
             ids.esp_fs_uuid()
         ),
     )
-    .map_err(|e| io("grub.cfg", e))?;
+    .at(&cfg)?;
     run(
         Command::new("grub-mkimage")
             .args(["-O", "x86_64-efi", "-p", "/EFI/BOOT", "-o"])
@@ -125,8 +136,9 @@ pub fn esp(tree: &Path, work: &Path, out: &Path, ids: &Ids, cmdline: &str, epoch
             ]),
         "grub-mkimage",
     )?;
-    std::fs::copy(tree.join("vmlinuz"), stage.join("vmlinuz")).map_err(|e| io("vmlinuz", e))?;
-    std::fs::copy(tree.join("initrd.img"), stage.join("initrd.img")).map_err(|e| io("initrd.img", e))?;
+    for f in ["vmlinuz", "initrd.img"] {
+        std::fs::copy(tree.join(f), stage.join(f)).at(tree.join(f))?;
+    }
     let payload: u64 = ["EFI/BOOT/BOOTX64.EFI", "vmlinuz", "initrd.img"]
         .iter()
         .map(|f| std::fs::metadata(stage.join(f)).map(|m| m.len()).unwrap_or(0))
@@ -163,7 +175,7 @@ pub fn esp(tree: &Path, work: &Path, out: &Path, ids: &Ids, cmdline: &str, epoch
 /// The empty state file system (grown to fill its disk at first boot).
 pub fn state(out: &Path, ids: &Ids, size: u64, epoch: i64) -> Result<(), BakeError> {
     let _ = std::fs::remove_file(out);
-    std::fs::File::create(out).and_then(|f| f.set_len(size)).map_err(|e| BakeError::Io(format!("state: {e}")))?;
+    std::fs::File::create(out).and_then(|f| f.set_len(size)).at(out)?;
     run(
         Command::new("mkfs.ext4")
             .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
@@ -172,8 +184,8 @@ pub fn state(out: &Path, ids: &Ids, size: u64, epoch: i64) -> Result<(), BakeErr
             .arg(format!("hash_seed={},root_owner=0:0,nodiscard", ids.state_fs))
             .arg(out),
         "mkfs.ext4",
-    )
-    .map(|_| ())
+    )?;
+    Ok(())
 }
 
 /// The byte ranges of a file that hold data (SEEK_DATA/SEEK_HOLE); holes read as zeros and need
@@ -243,13 +255,13 @@ pub fn layout<'a>(
 pub fn assemble(out: &Path, parts: &[Partition<'_>], disk_guid: &str) -> Result<u64, BakeError> {
     let mut sizes = Vec::with_capacity(parts.len());
     for p in parts {
-        let len = std::fs::metadata(p.image).map_err(|e| BakeError::Io(format!("{}: {e}", p.image.display())))?.len();
+        let len = std::fs::metadata(p.image).at(p.image)?.len();
         sizes.push(round_up(len, MIB));
     }
     let total = MIB + sizes.iter().sum::<u64>() + MIB;
     let _ = std::fs::remove_file(out);
-    let disk = std::fs::File::create(out).map_err(|e| BakeError::Io(format!("{}: {e}", out.display())))?;
-    disk.set_len(total).map_err(|e| BakeError::Io(format!("{}: {e}", out.display())))?;
+    let disk = std::fs::File::create(out).at(out)?;
+    disk.set_len(total).at(out)?;
     let mut script = format!("label: gpt\nlabel-id: {disk_guid}\nunit: sectors\nfirst-lba: 2048\n");
     let mut at = MIB;
     for (p, size) in parts.iter().zip(&sizes) {
@@ -263,22 +275,20 @@ pub fn assemble(out: &Path, parts: &[Partition<'_>], disk_guid: &str) -> Result<
         ));
         at += size;
     }
-    let mut child = Command::new("sfdisk")
-        .args(["--quiet", "--no-reread", "--no-tell-kernel", "--wipe", "never"])
-        .arg(out)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| BakeError::Tool { tool: "sfdisk".into(), package: "fdisk".into(), reason: e.to_string() })?;
-    child.stdin.take().expect("piped").write_all(script.as_bytes()).map_err(|e| BakeError::Io(e.to_string()))?;
-    let o = child.wait_with_output().map_err(|e| BakeError::Io(e.to_string()))?;
-    if !o.status.success() {
-        return Err(BakeError::Io(format!("sfdisk: {}", String::from_utf8_lossy(&o.stderr))));
-    }
+    let script_file = out.with_extension("sfdisk");
+    std::fs::write(&script_file, script).at(&script_file)?;
+    let written = run(
+        Command::new("sfdisk")
+            .args(["--quiet", "--no-reread", "--no-tell-kernel", "--wipe", "never"])
+            .arg(out)
+            .stdin(std::fs::File::open(&script_file).at(&script_file)?),
+        "sfdisk",
+    );
+    let _ = std::fs::remove_file(&script_file);
+    written?;
     let mut at = MIB;
     for (p, size) in parts.iter().zip(&sizes) {
-        copy_sparse(p.image, &disk, at).map_err(|e| BakeError::Io(format!("{}: {e}", p.image.display())))?;
+        copy_sparse(p.image, &disk, at).at(p.image)?;
         at += size;
     }
     Ok(total)

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cache::{Cache, Digest};
 use super::definition::Definition;
+use crate::digest::sha256_hex;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -89,10 +90,6 @@ pub enum LockError {
 /// The lock file that belongs to a definition: `images/x.toml` → `images/x.lock`.
 pub fn lock_path(definition: &Path) -> PathBuf {
     definition.with_extension("lock")
-}
-
-pub fn sha256_hex(b: &[u8]) -> String {
-    super::cache::hex(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
 }
 
 impl Lock {

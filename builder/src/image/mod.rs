@@ -4,18 +4,18 @@
 //! tree → erofs root (cached) → + firstboot layer, ESP, state → GPT disk.raw → qcow2, OVA, PXE
 //! set, manifest.json, SBOM.
 //! Everything is built in `out/.<role>.tmp-<pid>` and renamed to `out/<role>` at the end, so a
-//! failed bake leaves nothing half-written.
+//! failed bake leaves nothing half-written. Long steps show their progress ([`crate::progress`]).
 
 pub mod cache;
 pub mod definition;
 pub mod disk;
+pub mod files;
 pub mod lock;
 pub mod outputs;
 pub mod tree;
 pub mod vmdk;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use firstboot::Role;
@@ -23,16 +23,15 @@ use futures_util::StreamExt;
 
 use self::cache::{Cache, Digest};
 use self::definition::Definition;
+use self::files::{Cleanup, remove_tree, sync_tree};
 use self::lock::Lock;
+use crate::progress::{self, Unit};
+use crate::tools::{self, ToolError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BakeError {
-    #[error(
-        "host tool {tool} is missing or failed to start ({reason}): apt-get install {package} (or run .ci/setup-host)"
-    )]
-    Tool { tool: String, package: String, reason: String },
-    #[error("{tool} failed: {stderr}")]
-    Command { tool: String, stderr: String },
+    #[error(transparent)]
+    Tool(#[from] ToolError),
     #[error(transparent)]
     Definition(#[from] definition::DefinitionError),
     #[error(transparent)]
@@ -45,74 +44,28 @@ pub enum BakeError {
         "image {image} carries Kubernetes {image_version}, but cluster '{cluster}' pins {cluster_version} (spec.versions.kubernetes)"
     )]
     Version { image: String, image_version: String, cluster: String, cluster_version: String },
-    #[error("no firstboot binary at {0}: build it with `cargo build --release -p firstboot` or give --firstboot")]
+    #[error("no firstboot binary at {}: build it with `cargo build --release --bins` or give --firstboot", .0.display())]
     Firstboot(PathBuf),
+    #[error(
+        "{} does not exist and --offline cannot resolve one: run `imgbuild lock` where the mirror is reachable",
+        .0.display()
+    )]
+    NoLock(PathBuf),
+    #[error("{}: {error}", path.display())]
+    Io { path: PathBuf, error: std::io::Error },
+    /// An output format's own limit, or a shipped template that does not render.
     #[error("{0}")]
-    Io(String),
+    Output(String),
 }
 
-/// Host tools and the Debian packages that provide them.
-const TOOLS: &[(&str, &str)] = &[
-    ("mmdebstrap", "mmdebstrap"),
-    ("dpkg-scanpackages", "dpkg-dev"),
-    ("dpkg-deb", "dpkg"),
-    ("apt-get", "apt"),
-    ("mkfs.erofs", "erofs-utils"),
-    ("mkfs.vfat", "dosfstools"),
-    ("mcopy", "mtools"),
-    ("grub-mkimage", "grub-common"),
-    ("mkfs.ext4", "e2fsprogs"),
-    ("sfdisk", "fdisk"),
-    ("qemu-img", "qemu-utils"),
-    ("tar", "tar"),
-];
-
-fn package_of(tool: &str) -> &'static str {
-    TOOLS.iter().find(|(t, _)| *t == tool).map_or("the package providing it", |(_, p)| p)
+/// `.at(path)` on an I/O result: the error names the file it was about.
+pub trait IoAt<T> {
+    fn at(self, path: impl AsRef<Path>) -> Result<T, BakeError>;
 }
 
-/// Where a host tool is on PATH.
-fn tool_path(tool: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(tool)).find(|p| p.is_file())
-}
-
-/// A host tool's path, or the error that names its package.
-fn require_tool(tool: &str) -> Result<PathBuf, BakeError> {
-    tool_path(tool).ok_or_else(|| BakeError::Tool {
-        tool: tool.into(),
-        package: package_of(tool).into(),
-        reason: "not on PATH".into(),
-    })
-}
-
-/// Fails naming the first missing host tool and its package.
-pub fn check_tools() -> Result<(), BakeError> {
-    for (tool, _) in TOOLS {
-        require_tool(tool)?;
-    }
-    if !Path::new("/usr/lib/grub/x86_64-efi/linux.mod").exists() {
-        return Err(BakeError::Tool {
-            tool: "GRUB EFI modules".into(),
-            package: "grub-efi-amd64-bin".into(),
-            reason: "no /usr/lib/grub/x86_64-efi".into(),
-        });
-    }
-    Ok(())
-}
-
-/// Runs a host tool; its stdout on success, its stderr in the error otherwise.
-pub fn run(cmd: &mut Command, tool: &str) -> Result<Vec<u8>, BakeError> {
-    let out = cmd.output().map_err(|e| BakeError::Tool {
-        tool: tool.into(),
-        package: package_of(tool).into(),
-        reason: e.to_string(),
-    })?;
-    if out.status.success() {
-        Ok(out.stdout)
-    } else {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(12).collect();
-        Err(BakeError::Command { tool: tool.into(), stderr: tail.into_iter().rev().collect::<Vec<_>>().join("\n") })
+impl<T> IoAt<T> for std::io::Result<T> {
+    fn at(self, path: impl AsRef<Path>) -> Result<T, BakeError> {
+        self.map_err(|error| BakeError::Io { path: path.as_ref().to_path_buf(), error })
     }
 }
 
@@ -150,19 +103,14 @@ pub async fn prepare(
         Lock::load(&lock_file, image, &text)?
     } else {
         if offline {
-            return Err(BakeError::Io(format!(
-                "{} does not exist and --offline cannot resolve one",
-                lock_file.display()
-            )));
+            return Err(BakeError::NoLock(lock_file));
         }
         tracing::info!("no {}: resolving the definition now", lock_file.display());
         let lock = lock::resolve(&def, &text, &cache).await?;
         lock.save(&lock_file, image)?;
         lock
     };
-    let lock_sha256 = lock::sha256_hex(
-        &std::fs::read(&lock_file).map_err(|e| BakeError::Io(format!("{}: {e}", lock_file.display())))?,
-    );
+    let lock_sha256 = crate::digest::sha256_hex(&std::fs::read(&lock_file).at(&lock_file)?);
     Ok((def, lock, cache, lock_sha256))
 }
 
@@ -185,12 +133,17 @@ pub async fn fetch(def: &Definition, lock: &Lock, cache: &Cache, roles: &[Role])
             }
         }
     }
-    let packages: Vec<_> = lock.packages.iter().filter(|p| p.roles.iter().any(|r| roles.contains(r))).collect();
-    let results: Vec<Result<String, cache::CacheError>> = futures_util::stream::iter(packages)
-        .map(|p| async move {
-            cache
-                .fetch(&format!("{} {}", p.name, p.version), &p.url, &Digest::Sha256(p.sha256.clone()), Some(p.size))
-                .await
+    let missing: Vec<_> =
+        lock.packages.iter().filter(|p| p.roles.iter().any(|r| roles.contains(r)) && !cache.has(&p.sha256)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let bytes = missing.iter().map(|p| p.size).sum();
+    let task = progress::global().task(format!("fetch {} packages", missing.len()), Unit::Bytes(bytes));
+    let results: Vec<Result<String, cache::CacheError>> = futures_util::stream::iter(&missing)
+        .map(|p| {
+            let (task, digest, what) = (&task, Digest::Sha256(p.sha256.clone()), format!("{} {}", p.name, p.version));
+            async move { cache.fetch(&what, &p.url, &digest, Some(task)).await }
         })
         .buffer_unordered(4)
         .collect()
@@ -198,67 +151,8 @@ pub async fn fetch(def: &Definition, lock: &Lock, cache: &Cache, roles: &[Role])
     for r in results {
         r?;
     }
+    task.finish(format!("{} from {}", progress::mib(bytes), def.base.mirror));
     Ok(())
-}
-
-/// `dst` (replaced) as a hard link of `src`, or a copy where they are on different file systems.
-pub(crate) fn link_or_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(dst);
-    std::fs::hard_link(src, dst).or_else(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Err(e),
-        _ => std::fs::copy(src, dst).map(|_| ()),
-    })
-}
-
-/// Removes a directory tree when dropped (the temp output of a failed bake).
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Flushes every file and directory under `dir` to disk, before the rename that publishes the
-/// outputs (the big ones are flushed already, as each is finished).
-fn sync_tree(dir: &Path) -> std::io::Result<()> {
-    for e in std::fs::read_dir(dir)? {
-        let e = e?;
-        if e.file_type()?.is_dir() {
-            sync_tree(&e.path())?;
-        } else {
-            std::fs::File::open(e.path())?.sync_all()?;
-        }
-    }
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// Removes a directory tree, unlinking its files side by side: on a filesystem mounted with
-/// `discard` (as this project's machine is) an unlink of a big synced file waits ~0.5 s for the
-/// device, and those waits overlap (measured: two 500 MB files, 1.17 s one after the other,
-/// 0.69 s side by side).
-fn remove_tree(dir: &Path) -> std::io::Result<()> {
-    let mut files = Vec::new();
-    let mut dirs = vec![dir.to_path_buf()];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            match e.file_type() {
-                Ok(t) if t.is_dir() => dirs.push(e.path()),
-                _ => files.push(e.path()),
-            }
-        }
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..files.len().min(8) {
-            s.spawn(|| {
-                while let Some(f) = files.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
-                    let _ = std::fs::remove_file(f);
-                }
-            });
-        }
-    });
-    std::fs::remove_dir_all(dir)
 }
 
 /// Bakes one role (blocking: run it off the async runtime).
@@ -277,12 +171,12 @@ pub fn bake_role(
         *t = Instant::now();
     };
     let epoch = lock.source_date_epoch;
-    std::fs::create_dir_all(&opts.out).map_err(|e| BakeError::Io(format!("{}: {e}", opts.out.display())))?;
+    std::fs::create_dir_all(&opts.out).at(&opts.out)?;
     let tmp = opts.out.join(format!(".{role}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let cleanup = Cleanup(tmp.clone());
     let work = tmp.join(".work");
-    std::fs::create_dir_all(&work).map_err(|e| BakeError::Io(e.to_string()))?;
+    std::fs::create_dir_all(&work).at(&work)?;
     let mut t = Instant::now();
 
     let base = tree::base_tree(def, lock, role, cache, epoch, &work, opts.fresh_tree)?;
@@ -303,28 +197,22 @@ pub fn bake_role(
     })?;
     step("root, firstboot layer, esp and state", &mut t);
     let raw = tmp.join("disk.raw");
-    disk::assemble(&raw, &disk::layout(&ids, &esp, &rootfs, &fb_layer, &state), &ids.disk)?;
+    let task = progress::global().task(format!("{role}: disk.raw"), Unit::Time);
+    let size = disk::assemble(&raw, &disk::layout(&ids, &esp, &rootfs, &fb_layer, &state), &ids.disk)?;
+    task.finish(format!("GPT with ESP, root, firstboot and state, {}", progress::mib(size)));
     step("disk.raw", &mut t);
     // The VMDK's compression takes every core; qcow2 (mostly I/O), the PXE set and the digest and
     // flush of each finished output go beside it, so hashing and writeback overlap compression.
     let done = |rel: &str| -> Result<serde_json::Value, BakeError> {
         let entry = outputs::file_entry(&tmp, rel)?;
-        std::fs::File::open(tmp.join(rel))
-            .and_then(|f| f.sync_all())
-            .map_err(|e| BakeError::Io(format!("{rel}: {e}")))?;
+        std::fs::File::open(tmp.join(rel)).and_then(|f| f.sync_all()).at(tmp.join(rel))?;
         Ok(entry)
     };
     let pxe_files = outputs::PXE_FILES.map(|f| format!("pxe/{f}"));
     let outputs_list = std::thread::scope(|s| -> Result<Vec<serde_json::Value>, BakeError> {
         let raw_entry = s.spawn(|| done("disk.raw"));
         let side = s.spawn(|| -> Result<Vec<serde_json::Value>, BakeError> {
-            run(
-                Command::new("qemu-img")
-                    .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-                    .arg(&raw)
-                    .arg(tmp.join("disk.qcow2")),
-                "qemu-img",
-            )?;
+            outputs::qcow2(&raw, &tmp.join("disk.qcow2"), role)?;
             let mut entries = vec![done("disk.qcow2")?];
             outputs::pxe(&base, &rootfs, &fb_layer, &tmp.join("pxe"), def, role)?;
             for f in &pxe_files {
@@ -340,25 +228,26 @@ pub fn bake_role(
         Ok(all)
     })?;
     step("qcow2, ova, pxe and digests", &mut t);
-    let fb256 = cache::sha256_file(&opts.firstboot).map_err(|e| BakeError::Io(e.to_string()))?;
+    let fb256 = crate::digest::sha256_file(&opts.firstboot).at(&opts.firstboot)?;
     let fb =
         serde_json::json!({"sha256": fb256, "size": std::fs::metadata(&opts.firstboot).map(|m| m.len()).unwrap_or(0)});
     let manifest = outputs::manifest(def, lock, role, &fb, lock_sha256, outputs_list, epoch);
-    std::fs::write(tmp.join("manifest.json"), serde_json::to_vec_pretty(&manifest).expect("json"))
-        .map_err(|e| BakeError::Io(e.to_string()))?;
-    let sbom = outputs::sbom(def, lock, role, lock_sha256, epoch);
-    std::fs::write(tmp.join("sbom.spdx.json"), serde_json::to_vec_pretty(&sbom).expect("json"))
-        .map_err(|e| BakeError::Io(e.to_string()))?;
-    remove_tree(&work).map_err(|e| BakeError::Io(format!("{}: {e}", work.display())))?;
-    sync_tree(&tmp).map_err(|e| BakeError::Io(format!("{}: {e}", tmp.display())))?;
+    let write_json = |name: &str, v: &serde_json::Value| {
+        let path = tmp.join(name);
+        std::fs::write(&path, serde_json::to_vec_pretty(v).expect("JSON values serialize")).at(&path)
+    };
+    write_json("manifest.json", &manifest)?;
+    write_json("sbom.spdx.json", &outputs::sbom(def, lock, role, lock_sha256, epoch))?;
+    remove_tree(&work).at(&work)?;
+    sync_tree(&tmp).at(&tmp)?;
     let dest = opts.out.join(role.as_str());
     let old = opts.out.join(format!(".{role}.old-{}", std::process::id()));
     if dest.exists() {
-        std::fs::rename(&dest, &old).map_err(|e| BakeError::Io(e.to_string()))?;
+        std::fs::rename(&dest, &old).at(&dest)?;
     }
-    std::fs::rename(&tmp, &dest).map_err(|e| BakeError::Io(e.to_string()))?;
+    std::fs::rename(&tmp, &dest).at(&dest)?;
     std::mem::forget(cleanup);
-    std::fs::File::open(&opts.out).and_then(|d| d.sync_all()).map_err(|e| BakeError::Io(e.to_string()))?;
+    std::fs::File::open(&opts.out).and_then(|d| d.sync_all()).at(&opts.out)?;
     // The old output goes last, once the new one is durable.
     let _ = remove_tree(&old);
     step("manifest, sbom and publish", &mut t);
@@ -367,7 +256,7 @@ pub fn bake_role(
 
 /// The whole main job for these roles.
 pub async fn bake(opts: &BakeOptions, cluster_version: Option<(String, String)>) -> Result<Vec<Baked>, BakeError> {
-    check_tools()?;
+    tools::check_all()?;
     if !opts.firstboot.is_file() {
         return Err(BakeError::Firstboot(opts.firstboot.clone()));
     }
@@ -408,7 +297,7 @@ pub async fn bake(opts: &BakeOptions, cluster_version: Option<(String, String)>)
         };
         let b = tokio::task::spawn_blocking(move || bake_role(&d, &l, &s, &c, role, &o))
             .await
-            .map_err(|e| BakeError::Io(e.to_string()))??;
+            .expect("the bake thread panicked")?;
         baked.push(b);
     }
     Ok(baked)

@@ -6,11 +6,13 @@ use std::path::Path;
 use firstboot::Role;
 use serde_json::{Value, json};
 
-use super::cache::sha256_file;
 use super::definition::Definition;
+use super::files::link_or_copy;
 use super::lock::Lock;
-use super::{BakeError, link_or_copy, vmdk};
-use crate::templates;
+use super::{BakeError, IoAt, vmdk};
+use crate::digest::sha256_file;
+use crate::progress::{self, Unit};
+use crate::{templates, tools};
 
 /// The PXE kernel command line (the root image comes as an initrd: RAM mode).
 pub fn pxe_cmdline() -> String {
@@ -31,16 +33,36 @@ pub fn pxe(
     def: &Definition,
     role: Role,
 ) -> Result<(), BakeError> {
-    std::fs::create_dir_all(dir).map_err(|e| BakeError::Io(e.to_string()))?;
-    std::fs::copy(tree.join("vmlinuz"), dir.join("vmlinuz")).map_err(|e| BakeError::Io(format!("vmlinuz: {e}")))?;
-    std::fs::copy(tree.join("initrd.img"), dir.join("initrd.img"))
-        .map_err(|e| BakeError::Io(format!("initrd.img: {e}")))?;
+    std::fs::create_dir_all(dir).at(dir)?;
+    for f in ["vmlinuz", "initrd.img"] {
+        std::fs::copy(tree.join(f), dir.join(f)).at(dir.join(f))?;
+    }
     for (src, name) in [(rootfs, "rootfs.erofs"), (firstboot, "firstboot.erofs")] {
-        link_or_copy(src, &dir.join(name)).map_err(|e| BakeError::Io(format!("pxe/{name}: {e}")))?;
+        link_or_copy(src, &dir.join(name)).at(dir.join(name))?;
     }
     let script = templates::render("boot.ipxe", json!({"role": role, "image": def.name, "cmdline": pxe_cmdline()}))
-        .map_err(|e| BakeError::Io(format!("boot.ipxe: {e}")))?;
-    std::fs::write(dir.join("boot.ipxe"), script).map_err(|e| BakeError::Io(e.to_string()))
+        .map_err(|e| BakeError::Output(format!("boot.ipxe: {e:#}")))?;
+    std::fs::write(dir.join("boot.ipxe"), script).at(dir.join("boot.ipxe"))
+}
+
+/// `disk.qcow2` from `disk.raw`, with qemu-img's own progress meter shown.
+pub fn qcow2(raw: &Path, out: &Path, role: Role) -> Result<(), BakeError> {
+    let task = progress::global().task(format!("{role}: disk.qcow2"), Unit::Items(100, "%"));
+    tools::stream(
+        std::process::Command::new("qemu-img").args(["convert", "-p", "-f", "raw", "-O", "qcow2"]).arg(raw).arg(out),
+        "qemu-img",
+        // "    (42.00/100%)"
+        |line| {
+            let pct =
+                line.trim().strip_prefix('(').and_then(|l| l.split('/').next()).and_then(|p| p.parse::<f64>().ok());
+            if let Some(p) = pct {
+                task.set_position(p as u64);
+            }
+        },
+    )?;
+    let size = std::fs::metadata(out).at(out)?.len();
+    task.finish(format!("qemu-img convert, {}", progress::mib(size)));
+    Ok(())
 }
 
 /// zlib level of the OVA's grains: the fastest. The root partition is lz4-compressed already, so
@@ -60,7 +82,7 @@ pub fn ova(disk_raw: &Path, dir: &Path, def: &Definition, role: Role, epoch: i64
     let name = format!("{}-{role}", def.name);
     let (vmdk, ovf_name, mf_name) = (format!("{name}-disk1.vmdk"), format!("{name}.ovf"), format!("{name}.mf"));
     let path = dir.join(format!("{role}.ova"));
-    let io = |e: std::io::Error| BakeError::Io(format!("{}: {e}", path.display()));
+    let io = |error: std::io::Error| BakeError::Io { path: path.clone(), error };
     let capacity = std::fs::metadata(disk_raw).map(|m| m.len()).unwrap_or(0);
     let descriptor = |vmdk_size: u64| {
         templates::render(
@@ -72,7 +94,7 @@ pub fn ova(disk_raw: &Path, dir: &Path, def: &Definition, role: Role, epoch: i64
                 "cpus": 2, "memory_mib": if role == Role::Master { 4096 } else { 2048 },
             }),
         )
-        .map_err(|e| BakeError::Io(format!("ova.ovf: {e}")))
+        .map_err(|e| BakeError::Output(format!("ova.ovf: {e:#}")))
     };
     let manifest = |ovf_sha256: &str, vmdk_sha256: &str| {
         format!("SHA256({ovf_name})= {ovf_sha256}\nSHA256({vmdk})= {vmdk_sha256}\n")
@@ -83,9 +105,10 @@ pub fn ova(disk_raw: &Path, dir: &Path, def: &Definition, role: Role, epoch: i64
 
     let mut file = std::fs::File::create(&path).map_err(io)?;
     file.seek(SeekFrom::Start(vmdk_at)).map_err(io)?;
-    let written = vmdk::write(disk_raw, &mut file, &vmdk, VMDK_COMPRESSION).map_err(io)?;
+    let task = progress::global().task(format!("{role}: {role}.ova"), Unit::Bytes(capacity));
+    let written = vmdk::write(disk_raw, &mut file, &vmdk, VMDK_COMPRESSION, Some(&task)).map_err(io)?;
     if written.size >= 1 << 33 {
-        return Err(BakeError::Io(format!("{vmdk}: {} bytes is beyond a ustar member's 8 GiB", written.size)));
+        return Err(BakeError::Output(format!("{vmdk}: {} bytes is beyond a ustar member's 8 GiB", written.size)));
     }
     // Ends: the VMDK's padding, two zero blocks, and zeros to a whole 10 KiB record, as tar does.
     let end = (vmdk_at + written.size).next_multiple_of(TAR_BLOCK) + 2 * TAR_BLOCK;
@@ -94,7 +117,7 @@ pub fn ova(disk_raw: &Path, dir: &Path, def: &Definition, role: Role, epoch: i64
 
     let mut ovf = descriptor(written.size)?;
     ovf.insert_str(ovf.trim_end().len(), &" ".repeat(ovf_len as usize - ovf.len()));
-    let mf = manifest(&super::lock::sha256_hex(ovf.as_bytes()), &written.sha256);
+    let mf = manifest(&crate::digest::sha256_hex(ovf.as_bytes()), &written.sha256);
     debug_assert_eq!(mf.len() as u64, mf_len);
     let mut head = Vec::with_capacity(vmdk_at as usize);
     for (member, data) in [(&ovf_name, ovf.as_bytes()), (&mf_name, mf.as_bytes())] {
@@ -104,7 +127,9 @@ pub fn ova(disk_raw: &Path, dir: &Path, def: &Definition, role: Role, epoch: i64
     }
     head.extend_from_slice(&tar_header(&vmdk, written.size, epoch)?);
     debug_assert_eq!(head.len() as u64, vmdk_at);
-    file.write_all_at(&head, 0).map_err(io)
+    file.write_all_at(&head, 0).map_err(io)?;
+    task.finish(format!("stream-optimized VMDK of {}, OVA {}", progress::mib(capacity), progress::mib(end)));
+    Ok(())
 }
 
 const TAR_BLOCK: u64 = 512;
@@ -113,7 +138,7 @@ const TAR_BLOCK: u64 = 512;
 /// `tar --format=ustar --owner=0 --group=0 --numeric-owner --mtime=@EPOCH` writes it.
 fn tar_header(name: &str, size: u64, mtime: i64) -> Result<[u8; 512], BakeError> {
     if name.len() > 100 {
-        return Err(BakeError::Io(format!("{name}: longer than a ustar name (100 bytes)")));
+        return Err(BakeError::Output(format!("{name}: longer than a ustar name (100 bytes)")));
     }
     let mut h = [0u8; 512];
     let octal = |h: &mut [u8; 512], at: usize, width: usize, v: u64| {
@@ -141,7 +166,7 @@ fn tar_header(name: &str, size: u64, mtime: i64) -> Result<[u8; 512], BakeError>
 /// A file's entry for manifest.json.
 pub fn file_entry(dir: &Path, rel: &str) -> Result<Value, BakeError> {
     let p = dir.join(rel);
-    let s256 = sha256_file(&p).map_err(|e| BakeError::Io(format!("{}: {e}", p.display())))?;
+    let s256 = sha256_file(&p).at(&p)?;
     let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
     Ok(json!({"path": rel, "sha256": s256, "size": size}))
 }
@@ -265,7 +290,7 @@ mod tests {
         assert!(ovf.trim_end().ends_with("</Envelope>"));
         let mf = std::fs::read_to_string(x.join(format!("{name}.mf"))).unwrap();
         for member in [format!("{name}.ovf"), format!("{name}-disk1.vmdk")] {
-            let digest = crate::image::cache::sha256_file(&x.join(&member)).unwrap();
+            let digest = crate::digest::sha256_file(&x.join(&member)).unwrap();
             assert!(mf.contains(&format!("SHA256({member})= {digest}\n")), "{mf}");
         }
         let back = d.path().join("back.raw");

@@ -17,8 +17,12 @@ use firstboot::proto::ImageInfo;
 
 use super::cache::Cache;
 use super::definition::Definition;
-use super::lock::{Lock, sha256_hex};
-use super::{BakeError, link_or_copy, run};
+use super::files::link_or_copy;
+use super::lock::Lock;
+use super::{BakeError, IoAt};
+use crate::digest::sha256_hex;
+use crate::progress::{self, Unit};
+use crate::tools;
 
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/image_files.rs"));
@@ -107,39 +111,47 @@ pub fn base_tree(
         tracing::info!("{role}: base tree from the cache ({})", &key[..12]);
         return Ok(dir.join("root"));
     }
-    let io = |what: &str, e: std::io::Error| BakeError::Io(format!("{what}: {e}"));
-    // A flat repository of exactly the locked packages, hard-linked from the cache.
-    let repo = work.join("repo");
-    std::fs::create_dir_all(&repo).map_err(|e| io("repo", e))?;
+    // A flat repository of exactly the locked packages, hard-linked from the cache. Its path
+    // goes into a copy:// URI, which must be absolute: apt reads `copy://out/...` as host `out`
+    // (a relative --out, the default, failed every cold bake this way).
+    let repo = std::path::absolute(work.join("repo")).at(work)?;
+    std::fs::create_dir_all(&repo).at(&repo)?;
     let mut include = Vec::new();
     for p in lock.packages_for(role) {
         let blob = cache.blob(&p.sha256);
         if !blob.is_file() {
-            return Err(BakeError::Io(format!("{} {} is not in the cache: run `imgbuild fetch`", p.name, p.version)));
+            return Err(super::cache::CacheError::Missing {
+                what: format!("{} {}", p.name, p.version),
+                digest: format!("sha256:{}", p.sha256),
+                cache: cache.root.display().to_string(),
+            }
+            .into());
         }
         let link = repo.join(p.file_name());
-        link_or_copy(&blob, &link).map_err(|e| io("repo", e))?;
+        link_or_copy(&blob, &link).at(&link)?;
         include.push(format!("{}={}", p.name, p.version));
     }
-    let packages = run(Command::new("dpkg-scanpackages").args(["-m", "."]).current_dir(&repo), "dpkg-scanpackages")?;
-    std::fs::write(repo.join("Packages"), packages).map_err(|e| io("repo", e))?;
+    let packages =
+        tools::run(Command::new("dpkg-scanpackages").args(["-m", "."]).current_dir(&repo), "dpkg-scanpackages")?;
+    std::fs::write(repo.join("Packages"), packages).at(repo.join("Packages"))?;
     let files = work.join("image-files");
-    stage_image_files(&files).map_err(|e| io("image files", e))?;
+    stage_image_files(&files).at(&files)?;
     let script = work.join("customize.sh");
-    std::fs::write(&script, customize_script(def)).map_err(|e| io("customize.sh", e))?;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).map_err(|e| io("customize.sh", e))?;
+    std::fs::write(&script, customize_script(def)).at(&script)?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).at(&script)?;
 
-    let tmp = cache.root.join("trees").join(format!("{key}.tmp"));
+    let trees = cache.root.join("trees");
+    let tmp = trees.join(format!("{key}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| io("trees", e))?;
+    std::fs::create_dir_all(&tmp).at(&tmp)?;
     let root = tmp.join("root");
-    tracing::info!("{role}: mmdebstrap ({} packages, from the cache)", include.len());
     let mut mm = Command::new("mmdebstrap");
     mm.env("SOURCE_DATE_EPOCH", epoch.to_string())
         // The kernel's postinst would make an initramfs without our boot method: it is made
         // once, by the customize hook.
         .env("INITRD", "No")
-        .args(["--mode=root", "--variant=custom", "--quiet", "--architectures=amd64"])
+        // Verbose: apt's and dpkg's own lines come through, for progress and for the error.
+        .args(["--mode=root", "--variant=custom", "--verbose", "--architectures=amd64"])
         .arg(format!("--include={}", include.join(",")))
         .args(["--dpkgopt=force-unsafe-io", "--aptopt=Acquire::Languages \"none\""])
         .args(["--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/doc/*"])
@@ -150,11 +162,50 @@ pub fn base_tree(
         .arg(&def.base.suite)
         .arg(&root)
         .arg(format!("deb [trusted=yes] copy://{} ./", repo.display()));
-    run(&mut mm, "mmdebstrap")?;
-    std::fs::write(tmp.join(".complete"), format!("{key}\n")).map_err(|e| io("trees", e))?;
+    mmdebstrap(&mut mm, &root, role, include.len() as u64)?;
+    std::fs::write(tmp.join(".complete"), format!("{key}\n")).at(tmp.join(".complete"))?;
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir).map_err(|e| io("trees", e))?;
+    std::fs::rename(&tmp, &dir).at(&dir)?;
     Ok(dir.join("root"))
+}
+
+/// How often mmdebstrap is tried when apt's index step fails (the one step that has failed
+/// without a lasting cause; the error keeps apt's own lines either way).
+const MMDEBSTRAP_ATTEMPTS: u32 = 3;
+
+/// Runs mmdebstrap into `root`, showing how many of the packages dpkg has unpacked and then
+/// configured. A failure of `apt-get update` is retried (and said so); any other is final.
+fn mmdebstrap(cmd: &mut Command, root: &Path, role: Role, packages: u64) -> Result<(), BakeError> {
+    for attempt in 1.. {
+        let task = progress::global().task(format!("{role}: base tree"), Unit::Items(packages, "unpacked"));
+        let (mut unpacked, mut configured) = (0u64, 0u64);
+        let result = tools::stream(cmd, "mmdebstrap", |line| {
+            if line.starts_with("Unpacking ") {
+                unpacked += 1;
+                task.set_position(unpacked);
+            } else if line.starts_with("Setting up ") {
+                if configured == 0 {
+                    task.set_prefix("configured");
+                }
+                configured += 1;
+                task.set_position(configured);
+            }
+        });
+        match result {
+            Ok(()) => {
+                task.finish(format!("mmdebstrap: {unpacked} packages unpacked, {configured} configured, customized"));
+                return Ok(());
+            }
+            Err(e) if attempt < MMDEBSTRAP_ATTEMPTS && e.to_string().contains("apt-get update") => {
+                tracing::warn!(
+                    "{role}: mmdebstrap's apt-get update failed (attempt {attempt} of {MMDEBSTRAP_ATTEMPTS}); retrying: {e}"
+                );
+                let _ = std::fs::remove_dir_all(root);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    unreachable!("the loop returns")
 }
 
 /// image.json: the image's name, role and component versions.
@@ -196,18 +247,17 @@ pub fn role_tree(
     // Hard links where the output is on the cache's filesystem (a copy elsewhere): the role tree
     // shares the cached base tree's files, so everything below replaces a file (remove, then
     // create) and never writes into one.
-    if run(Command::new("cp").args(["-a", "--link"]).arg(base).arg(&root), "cp").is_err() {
+    if tools::run(Command::new("cp").args(["-a", "--link"]).arg(base).arg(&root), "cp").is_err() {
         let _ = std::fs::remove_dir_all(&root);
-        run(Command::new("cp").args(["-a", "--reflink=auto"]).arg(base).arg(&root), "cp")?;
+        tools::run(Command::new("cp").args(["-a", "--reflink=auto"]).arg(base).arg(&root), "cp")?;
     }
-    let io = |what: String, e: std::io::Error| BakeError::Io(format!("{what}: {e}"));
     for c in def.components.iter().filter(|c| c.for_role(role)) {
         let locked = lock.require(&c.name)?;
         let blob = cache.blob(&locked.sha256);
         let src_dir = if c.is_archive() {
             let x = work.join("extract").join(&c.name);
-            std::fs::create_dir_all(&x).map_err(|e| io(c.name.clone(), e))?;
-            run(Command::new("tar").arg("-xf").arg(&blob).arg("-C").arg(&x), "tar")?;
+            std::fs::create_dir_all(&x).at(&x)?;
+            tools::run(Command::new("tar").arg("-xf").arg(&blob).arg("-C").arg(&x), "tar")?;
             Some(x)
         } else {
             None
@@ -217,9 +267,9 @@ pub fn role_tree(
             match (&src_dir, &inst.from) {
                 (Some(x), Some(from)) if from.ends_with('/') => {
                     let from_dir = x.join(from);
-                    std::fs::create_dir_all(&target).map_err(|e| io(inst.to.clone(), e))?;
-                    for e in std::fs::read_dir(&from_dir).map_err(|e| io(from.clone(), e))? {
-                        let e = e.map_err(|e| io(from.clone(), e))?;
+                    std::fs::create_dir_all(&target).at(&target)?;
+                    for e in std::fs::read_dir(&from_dir).at(&from_dir)? {
+                        let e = e.at(&from_dir)?;
                         if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
                             install_file(&e.path(), &target.join(e.file_name()))?;
                         }
@@ -231,15 +281,14 @@ pub fn role_tree(
         }
     }
     let layer = firstboot::paths::under(&root, firstboot::paths::LAYER);
-    std::fs::create_dir_all(&layer).map_err(|e| io(layer.display().to_string(), e))?;
+    std::fs::create_dir_all(&layer).at(&layer)?;
     let binary = firstboot::paths::under(&root, firstboot::paths::BINARY);
     let _ = std::fs::remove_file(&binary);
-    std::os::unix::fs::symlink(Path::new(firstboot::paths::LAYER).join("firstboot"), &binary)
-        .map_err(|e| io(binary.display().to_string(), e))?;
+    std::os::unix::fs::symlink(Path::new(firstboot::paths::LAYER).join("firstboot"), &binary).at(&binary)?;
     let info_path = firstboot::paths::under(&root, firstboot::paths::IMAGE_INFO);
-    std::fs::create_dir_all(info_path.parent().expect("has parent")).map_err(|e| io("image.json".into(), e))?;
+    std::fs::create_dir_all(info_path.parent().expect("has parent")).at(&info_path)?;
     let _ = std::fs::remove_file(&info_path);
-    std::fs::write(&info_path, image_info(def, role)).map_err(|e| io("image.json".into(), e))?;
+    std::fs::write(&info_path, image_info(def, role)).at(&info_path)?;
     Ok(root)
 }
 
@@ -259,10 +308,9 @@ pub fn root_image(
     work: &Path,
     fresh: bool,
 ) -> Result<PathBuf, BakeError> {
-    let io = |what: &Path, e: std::io::Error| BakeError::Io(format!("{}: {e}", what.display()));
-    let mkfs = super::require_tool("mkfs.erofs")?;
+    let mkfs = tools::require("mkfs.erofs")?;
     let options = super::disk::erofs_options(uuid, epoch).join(" ");
-    let tool = super::cache::sha256_file(&mkfs).map_err(|e| io(&mkfs, e))?;
+    let tool = crate::digest::sha256_file(&mkfs).at(&mkfs)?;
     let key = sha256_hex(
         format!("v1 root\ntree {}\nmkfs.erofs {tool} {options}\n", role_key(def, lock, role, epoch)?).as_bytes(),
     );
@@ -275,7 +323,7 @@ pub fn root_image(
         return Ok(made);
     }
     let root = role_tree(def, lock, role, base, cache, work)?;
-    super::disk::erofs(&root, &made, uuid, epoch)?;
+    super::disk::erofs_step(&format!("{role}: root file system"), &root, &made, uuid, epoch)?;
     // A root that cannot be kept costs the next bake time, not this one its result.
     if let Err(e) = keep(&made, &dir, &prefix, &key) {
         tracing::warn!("{role}: the root file system is not kept in the cache: {e}");
@@ -314,7 +362,10 @@ pub fn firstboot_layer(firstboot: &Path, work: &Path) -> Result<PathBuf, BakeErr
 }
 
 fn install_file(src: &Path, dst: &Path) -> Result<(), BakeError> {
-    let io = |e: std::io::Error| BakeError::Io(format!("{} -> {}: {e}", src.display(), dst.display()));
+    let io = |e: std::io::Error| BakeError::Io {
+        path: dst.to_path_buf(),
+        error: std::io::Error::new(e.kind(), format!("from {}: {e}", src.display())),
+    };
     std::fs::create_dir_all(dst.parent().expect("absolute path has a parent")).map_err(io)?;
     let _ = std::fs::remove_file(dst);
     std::fs::copy(src, dst).map_err(io)?;

@@ -75,7 +75,7 @@ fn marker(sectors: u64, kind: u32) -> [u8; SECTOR as usize] {
 
 /// The embedded descriptor, for a disk behind a SCSI controller as the OVF declares it.
 fn descriptor(capacity: u64, file_name: &str, content_id: &[u8; 16]) -> Vec<u8> {
-    let hex = super::cache::hex(content_id);
+    let hex = crate::digest::hex(content_id);
     let cylinders = (capacity / (255 * 63)).clamp(1, 65535);
     let text = format!(
         "# Disk DescriptorFile\nversion=1\nencoding=\"UTF-8\"\nCID={cid}\nparentCID=ffffffff\n\
@@ -147,7 +147,14 @@ fn data_grains(extents: &[(u64, u64)], grains: u64) -> Vec<u64> {
 ///
 /// One thread reads the grains that hold data (holes are skipped), a worker per core deflates
 /// them, and this thread writes them in order with the grain tables between.
-pub fn write(raw: &Path, sink: impl Write, file_name: &str, level: Compression) -> std::io::Result<Written> {
+/// The disk's bytes count on `progress` as their grains are written (holes at once).
+pub fn write(
+    raw: &Path,
+    sink: impl Write,
+    file_name: &str,
+    level: Compression,
+    progress: Option<&crate::progress::Task>,
+) -> std::io::Result<Written> {
     use std::os::unix::fs::FileExt;
     use std::sync::mpsc::{Receiver, sync_channel};
     use std::sync::{Arc, Mutex};
@@ -240,6 +247,9 @@ pub fn write(raw: &Path, sink: impl Write, file_name: &str, level: Compression) 
             pending.insert(seq, chunk);
             while let Some(chunk) = pending.remove(&next) {
                 for (g, c) in chunk {
+                    if let Some(p) = progress {
+                        p.set_position((g + 1) * GRAIN_SECTORS * SECTOR);
+                    }
                     while g / GTES_PER_GT > table {
                         flush_table(&mut out, &mut gt, &mut directory)?;
                         table += 1;
@@ -268,7 +278,7 @@ pub fn write(raw: &Path, sink: impl Write, file_name: &str, level: Compression) 
     out.put(&header(capacity, gd_offset))?;
     out.put(&marker(0, MARKER_EOS))?;
     out.inner.flush()?;
-    Ok(Written { size: out.written, sha256: super::cache::hex(out.sha256.finish().as_ref()) })
+    Ok(Written { size: out.written, sha256: crate::digest::hex(out.sha256.finish().as_ref()) })
 }
 
 #[cfg(test)]
@@ -323,9 +333,9 @@ mod tests {
         f.write_all_at(&noise[..1000], len - 1000).unwrap();
         drop(f);
         let vmdk = d.path().join("disk.vmdk");
-        let w = write(&raw, File::create(&vmdk).unwrap(), "disk.vmdk", Compression::fast()).unwrap();
+        let w = write(&raw, File::create(&vmdk).unwrap(), "disk.vmdk", Compression::fast(), None).unwrap();
         assert_eq!(w.size, std::fs::metadata(&vmdk).unwrap().len());
-        assert_eq!(w.sha256, super::super::cache::sha256_file(&vmdk).unwrap());
+        assert_eq!(w.sha256, crate::digest::sha256_file(&vmdk).unwrap());
         let qemu = |args: &[&str]| {
             let o = std::process::Command::new("qemu-img").args(args).output().expect("qemu-img (qemu-utils)");
             assert!(o.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&o.stderr));
@@ -341,7 +351,8 @@ mod tests {
         assert!(std::fs::read(&back).unwrap() == std::fs::read(&raw).unwrap(), "the VMDK reads back differently");
         // The same disk gives the same file.
         let again =
-            write(&raw, File::create(d.path().join("again.vmdk")).unwrap(), "disk.vmdk", Compression::fast()).unwrap();
+            write(&raw, File::create(d.path().join("again.vmdk")).unwrap(), "disk.vmdk", Compression::fast(), None)
+                .unwrap();
         assert_eq!(again, w);
     }
 
@@ -349,7 +360,7 @@ mod tests {
     fn a_disk_that_is_not_whole_sectors_is_refused() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("odd.raw"), [1u8; 1000]).unwrap();
-        let e = write(&d.path().join("odd.raw"), std::io::sink(), "x.vmdk", Compression::fast()).unwrap_err();
+        let e = write(&d.path().join("odd.raw"), std::io::sink(), "x.vmdk", Compression::fast(), None).unwrap_err();
         assert!(e.to_string().contains("not a whole number of sectors"), "{e}");
     }
 }

@@ -25,7 +25,7 @@ use super::audit::Audit;
 use super::metrics::Metrics;
 use super::store::{Store, StoreError, Txn};
 use crate::cluster::{Cluster, EnrollPolicy};
-use crate::image::lock::sha256_hex;
+use crate::digest::sha256_hex;
 use crate::pki::{self, Ca, CaKind, NodeIdentity};
 use crate::tokens::{TokenRecord, TokenState, TokenStore, TokenUsage};
 

@@ -284,7 +284,7 @@ impl Renderer {
                 masters => masters,
                 peers => peers,
                 priority => 150 - 10 * position as i64,
-                router_id => u64::from(crate::image::lock::sha256_hex(c.name.as_bytes()).as_bytes()[0]) % 254 + 1,
+                router_id => u64::from(crate::digest::sha256_hex(c.name.as_bytes()).as_bytes()[0]) % 254 + 1,
                 prefix => inventory.map_or(24, |n| n.address.prefix_len()),
                 ..node_ctx.clone()
             };

@@ -1,11 +1,11 @@
 //! Helpers shared by the integration tests: locating real tools, free loopback ports, process
-//! guards, and the k8s testbed. A missing tool fails the test with the package to install; CI
-//! installs everything with `.ci/setup-host`.
+//! guards, real etcd members and a real control plane ([`control_plane`]). A missing tool fails
+//! the test with the package to install; CI installs everything with `.ci/setup-host`.
 #![allow(dead_code)]
 
+pub mod control_plane;
 pub mod sim;
 
-use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,14 +15,26 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-/// Panics with the Debian package to install when `tool` is not on PATH.
+/// Where `.ci/setup-host` puts the host tools it unpacks instead of installing (etcd, etcdctl,
+/// cloud-init): their services never reach the host.
+pub fn host_tools_dir() -> PathBuf {
+    cache_dir().join("tools/bin")
+}
+
+/// imgbuild's cache (`IMGBUILD_CACHE`, else `/var/cache/imgbuild`), as `.ci/setup-host` fills it.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("IMGBUILD_CACHE").map_or_else(|| PathBuf::from("/var/cache/imgbuild"), PathBuf::from)
+}
+
+/// A host tool from PATH or [`host_tools_dir`]; panics with what provides it when neither has it.
 pub fn require_tool(tool: &str, package: &str) -> PathBuf {
     std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([host_tools_dir()])
         .map(|d| d.join(tool))
         .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{tool} not found: apt-get install {package} (or run .ci/setup-host)"))
+        .unwrap_or_else(|| panic!("{tool} not found: run .ci/setup-host (it provides {package})"))
 }
 
 /// A free TCP port on 127.0.0.1 (the listener is closed again; good enough for tests).
@@ -49,79 +61,6 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         }
         assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-pub fn testbed_dir() -> PathBuf {
-    let candidates = [
-        std::env::var_os("K8S_TESTBED_DIR").map(PathBuf::from),
-        Some(workspace_root().join("../shared/k8s-testbed")),
-        Some(PathBuf::from("/work/shared/k8s-testbed")),
-    ];
-    candidates
-        .into_iter()
-        .flatten()
-        .find(|d| d.join("up").is_file())
-        .unwrap_or_else(|| panic!("k8s testbed not found: set K8S_TESTBED_DIR to ../shared/k8s-testbed"))
-}
-
-/// A running k8s testbed control plane on 127.0.0.1 ports of its own; stopped and wiped on drop.
-pub struct Testbed {
-    /// Holds `run/` (the testbed's run dir) and `pki/`.
-    pub base: tempfile::TempDir,
-    pub env: HashMap<String, String>,
-    dir: PathBuf,
-}
-
-impl Testbed {
-    /// Starts the testbed. `prepare_pki` may put a `ca.crt` + `ca.key` into the PKI dir first.
-    pub fn up(prepare_pki: impl FnOnce(&Path)) -> Testbed {
-        let dir = testbed_dir();
-        let built = Command::new(dir.join("build")).stderr(Stdio::inherit()).output().expect("run testbed build");
-        assert!(built.status.success(), "k8s testbed build failed");
-        let base = tempfile::Builder::new().prefix("k8s-testbed-").tempdir().unwrap();
-        std::fs::create_dir_all(base.path().join("pki")).unwrap();
-        prepare_pki(&base.path().join("pki"));
-        let mut cmd = Command::new(dir.join("up"));
-        cmd.env("K8S_TESTBED_RUN", base.path().join("run")).env("K8S_TESTBED_PKI", base.path().join("pki"));
-        for var in ["ETCD_PORT", "ETCD_PEER_PORT", "API_PORT", "KCM_PORT", "SCHED_PORT"] {
-            cmd.env(format!("K8S_TESTBED_{var}"), free_port().to_string());
-        }
-        let out = cmd.stderr(Stdio::inherit()).output().expect("run testbed up");
-        let mut tb = Testbed { base, env: HashMap::new(), dir };
-        assert!(out.status.success(), "k8s testbed up failed");
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if let Some((k, v)) = line.strip_prefix("export ").and_then(|l| l.split_once('=')) {
-                tb.env.insert(k.to_string(), v.trim_matches(['\'', '"']).to_string());
-            }
-        }
-        tb
-    }
-
-    pub fn pki(&self) -> PathBuf {
-        self.base.path().join("pki")
-    }
-
-    pub fn api_url(&self) -> &str {
-        &self.env["K8S_TESTBED_API_URL"]
-    }
-
-    /// Runs the testbed's kubectl with its admin kubeconfig.
-    pub fn kubectl(&self, args: &[&str]) -> std::process::Output {
-        Command::new(Path::new(&self.env["K8S_TESTBED_BIN"]).join("kubectl"))
-            .env("KUBECONFIG", &self.env["KUBECONFIG"])
-            .args(args)
-            .output()
-            .expect("run kubectl")
-    }
-}
-
-impl Drop for Testbed {
-    fn drop(&mut self) {
-        let _ = Command::new(self.dir.join("down"))
-            .arg("--wipe")
-            .env("K8S_TESTBED_RUN", self.base.path().join("run"))
-            .status();
     }
 }
 

@@ -1,5 +1,6 @@
-//! Proof against the real thing: the k8s testbed's bootstrap signer signs the `cluster-info` we
-//! render, and its signature is byte for byte the one we compute; our CA pin equals openssl's.
+//! Proof against the real thing: a real control plane's bootstrap signer (kube-controller-manager
+//! v1.20.2, with the cluster's own CAs) signs the `cluster-info` we render, and its signature is
+//! byte for byte the one we compute; our CA pin equals openssl's.
 
 mod support;
 
@@ -10,6 +11,7 @@ use imgbuild::cluster::{Cluster, DEFAULT_MANIFEST};
 use imgbuild::kube;
 use imgbuild::pki::CaKind;
 use imgbuild::state::{self, State};
+use support::control_plane::ControlPlane;
 use support::*;
 
 #[test]
@@ -21,11 +23,8 @@ fn bootstrap_signer_signature_equals_ours_and_pins_agree() {
     state::init(&st, &cluster, &[]).unwrap();
     let ca_pem = std::fs::read_to_string(st.pki_dir().join("ca.crt")).unwrap();
 
-    // The testbed signs and serves with our cluster CA.
-    let tb = Testbed::up(|pki| {
-        std::fs::copy(st.pki_dir().join("ca.crt"), pki.join("ca.crt")).unwrap();
-        std::fs::copy(st.pki_dir().join("ca.key"), pki.join("ca.key")).unwrap();
-    });
+    // The control plane signs and serves with our cluster CA.
+    let plane = ControlPlane::start(&dir.path().join("control-plane"), &st, &cluster);
     let tokens = st.tokens().unwrap();
     let now = time::OffsetDateTime::now_utc();
     let join = tokens.join_token(now).unwrap().clone();
@@ -33,15 +32,15 @@ fn bootstrap_signer_signature_equals_ours_and_pins_agree() {
     // What an operator applies: the Secret, the RBAC bindings and cluster-info for this API.
     let mut objects = vec![kube::bootstrap_token_secret(&join)];
     objects.extend(kube::node_bootstrap_rbac(imgbuild::tokens::DEFAULT_NODE_GROUP));
-    objects.extend(kube::cluster_info(&ca_pem, tb.api_url()));
+    objects.extend(kube::cluster_info(&ca_pem, &plane.api_url));
     let file = dir.path().join("objects.yaml");
     std::fs::write(&file, kube::to_yaml(&objects)).unwrap();
-    let out = tb.kubectl(&["apply", "-f", file.to_str().unwrap()]);
+    let out = plane.kubectl(&["apply", "-f", file.to_str().unwrap()]);
     assert!(out.status.success(), "kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
 
     let key = format!("jws-kubeconfig-{}", join.id());
     let cm = wait_for("the bootstrap signer's JWS in cluster-info", Duration::from_secs(90), || {
-        let out = tb.kubectl(&["-n", "kube-public", "get", "configmap", "cluster-info", "-o", "json"]);
+        let out = plane.kubectl(&["-n", "kube-public", "get", "configmap", "cluster-info", "-o", "json"]);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         v["data"][&key].is_string().then_some(v)
     });
@@ -49,14 +48,14 @@ fn bootstrap_signer_signature_equals_ours_and_pins_agree() {
     let theirs = cm["data"][&key].as_str().unwrap();
     assert_eq!(
         served_kubeconfig,
-        kube::cluster_info_kubeconfig(&ca_pem, tb.api_url()),
+        kube::cluster_info_kubeconfig(&ca_pem, &plane.api_url),
         "kubeconfig bytes changed on the way"
     );
     assert_eq!(detached_jws(served_kubeconfig, &join.token), theirs, "our JWS differs from the bootstrap signer's");
     verify_detached_jws(theirs, served_kubeconfig, &join.token).unwrap();
 
-    // The pin kubeadm users compute with openssl, from the CA the testbed serves with.
-    let served_ca = tb.pki().join("ca.crt");
+    // The pin kubeadm users compute with openssl, from the CA the apiserver serves with.
+    let served_ca = st.pki_dir().join("ca.crt");
     let ours = CaPin::of_cert_pem(&std::fs::read_to_string(&served_ca).unwrap()).unwrap();
     assert_eq!(ours.to_string(), openssl_pin(&served_ca));
     assert_eq!(ours, st.ca(CaKind::Cluster).unwrap().pin());
