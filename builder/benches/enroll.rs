@@ -14,8 +14,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use firstboot::Role;
-use firstboot::proto::{MachineIdentity, Phase};
+use proto::Role;
+use proto::wire::{MachineIdentity, Phase};
 use support::sim::{Prepared, Sim, mac};
 
 const CONCURRENCY: usize = 64;

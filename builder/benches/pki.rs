@@ -3,9 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use firstboot::proto::CertPurpose;
 use imgbuild::cluster::{Cluster, DEFAULT_MANIFEST, KeyAlgorithm};
 use imgbuild::pki::{self, Ca, CaKind, NodeIdentity};
+use proto::wire::CertPurpose;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use firstboot::Role;
+use proto::Role;
 
 use crate::state::{DEFAULT_STATE_DIR, Rotate, STATE_ENV};
 use crate::tokens::TokenUsage;

@@ -155,7 +155,7 @@ pub fn token(global: &Global, cmd: &TokenCommand) -> Result<()> {
             }
         }
         TokenCommand::Revoke(a) => {
-            if !firstboot::BootstrapToken::is_valid_id(&a.id) {
+            if !proto::BootstrapToken::is_valid_id(&a.id) {
                 return Err(InvalidInput(format!("'{}' is not a token id (six characters of [a-z0-9])", a.id)).into());
             }
             let t = tokens.revoke(&a.id, now)?.clone();
@@ -236,7 +236,7 @@ pub fn serve(global: &Global, args: &crate::cli::ServeArgs) -> Result<()> {
     rt.block_on(async {
         let running = crate::serve::start(&st, &opts).await?;
         let run = ServeRun { listen: running.addr, pid: std::process::id() };
-        firstboot::fsutil::write_atomic(&serve_run_file(&st), &serde_json::to_vec(&run)?, 0o600, None)?;
+        proto::fsutil::write_atomic(&serve_run_file(&st), &serde_json::to_vec(&run)?, 0o600, None)?;
         eprintln!("serving enrollment on https://{} (state {})", running.addr, st.root.display());
         running.until(shutdown_signal()).await;
         let _ = std::fs::remove_file(serve_run_file(&st));
@@ -266,7 +266,7 @@ fn admin_client(st: &State) -> Result<reqwest::Client> {
     let cert = b64("/users/0/user/client-certificate-data")?;
     let key = b64("/users/0/user/client-key-data")?;
     let ca = std::fs::read_to_string(st.pki_dir().join("ca.crt"))?;
-    let tls = firstboot::tls::client_config(&ca, Some((&cert, &key)))?;
+    let tls = proto::tls::client_config(&ca, Some((&cert, &key)))?;
     Ok(reqwest::Client::builder().tls_backend_preconfigured(tls).timeout(std::time::Duration::from_secs(30)).build()?)
 }
 
@@ -449,7 +449,7 @@ pub fn payload(global: &Global, args: &crate::cli::PayloadArgs) -> Result<()> {
     };
     match &args.out {
         // The payload carries an enrollment token.
-        Some(path) => firstboot::fsutil::write_atomic(path, text.as_bytes(), 0o600, None)
+        Some(path) => proto::fsutil::write_atomic(path, text.as_bytes(), 0o600, None)
             .with_context(|| format!("cannot write {}", path.display()))?,
         None => std::io::stdout().write_all(text.as_bytes())?,
     }

@@ -7,7 +7,7 @@ use imgbuild::commands;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    firstboot::tls::install_default_provider();
+    proto::tls::install_default_provider();
     if cli.command.is_some() && !cli.bake.role.is_empty() {
         eprintln!("imgbuild: error: --role bakes an image; it does not go with a subcommand");
         return ExitCode::from(2);

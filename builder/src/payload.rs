@@ -7,9 +7,9 @@ use std::io::Write;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use firstboot::Role;
-use firstboot::bootcfg::{BOOT_CONFIG_VERSION, BootConfig, StaticNetwork};
-use firstboot::paths;
+use proto::Role;
+use proto::bootcfg::{BOOT_CONFIG_VERSION, BootConfig, StaticNetwork};
+use proto::paths;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 

@@ -15,8 +15,8 @@
 
 use std::path::{Path, PathBuf};
 
-use firstboot::Role;
-use firstboot::fsutil::{ensure_dir, write_atomic};
+use proto::Role;
+use proto::fsutil::{ensure_dir, write_atomic};
 use time::OffsetDateTime;
 
 use crate::cluster::{Cluster, EnrollPolicy, LoadError};

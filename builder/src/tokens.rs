@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use firstboot::{BootstrapToken, Role};
+use proto::{BootstrapToken, Role};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -168,7 +168,7 @@ impl TokenStore {
 
     pub fn save(&self) -> Result<(), TokenError> {
         let json = serde_json::to_vec_pretty(&self.records).expect("token records serialize");
-        firstboot::fsutil::write_atomic(&self.path, &json, 0o600, None)
+        proto::fsutil::write_atomic(&self.path, &json, 0o600, None)
             .map_err(|source| TokenError::Write { path: self.path.clone(), source })
     }
 

@@ -6,11 +6,11 @@ mod support;
 
 use std::time::Duration;
 
-use firstboot::pin::{CaPin, detached_jws, verify_detached_jws};
 use imgbuild::cluster::{Cluster, DEFAULT_MANIFEST};
 use imgbuild::kube;
 use imgbuild::pki::CaKind;
 use imgbuild::state::{self, State};
+use proto::pin::{CaPin, detached_jws, verify_detached_jws};
 use support::control_plane::ControlPlane;
 use support::*;
 

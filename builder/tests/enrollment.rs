@@ -7,13 +7,13 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use firstboot::Role;
 use firstboot::agent::client::{Backoff, Client};
 use firstboot::agent::host::Recorder;
 use firstboot::agent::{Agent, AgentError, Options, Outcome};
-use firstboot::proto::*;
 use imgbuild::serve::fleet::NodeStatus;
 use imgbuild::serve::{Backend, ServeOptions};
+use proto::Role;
+use proto::wire::*;
 use rcgen::PublicKeyData;
 use support::*;
 
@@ -40,7 +40,7 @@ async fn run_node(
     dir: &Path,
     name: &str,
     mac: &str,
-    boot: &firstboot::bootcfg::BootConfig,
+    boot: &proto::bootcfg::BootConfig,
 ) -> (Result<Outcome, AgentError>, Vec<String>) {
     let root = node_root(&dir.join(name), mac);
     let cfg = root.join("payload.json");
@@ -96,8 +96,8 @@ async fn six_nodes_enroll_get_certificates_and_report() {
     // On "disk": keys 0600 that match their certificates, certificates from the right CA.
     let m1 = dir.path().join("k8s-master1");
     for purpose in CertPurpose::ALL {
-        let (cert, key) = firstboot::paths::cert_paths(purpose);
-        let (cert, key) = (firstboot::paths::under(&m1, cert), firstboot::paths::under(&m1, key));
+        let (cert, key) = proto::paths::cert_paths(purpose);
+        let (cert, key) = (proto::paths::under(&m1, cert), proto::paths::under(&m1, key));
         assert_eq!(mode(&key), 0o600, "{purpose}");
         let cert_pem = std::fs::read_to_string(&cert).unwrap();
         let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(&key).unwrap()).unwrap();
@@ -112,9 +112,9 @@ async fn six_nodes_enroll_get_certificates_and_report() {
         );
         assert!(!info.subject.is_empty());
     }
-    assert_eq!(mode(&firstboot::paths::under(&m1, "/etc/kubernetes/pki/ca.key")), 0o600);
+    assert_eq!(mode(&proto::paths::under(&m1, "/etc/kubernetes/pki/ca.key")), 0o600);
     assert!(!dir.path().join("k8s-worker1/etc/kubernetes/pki/ca.key").exists(), "a worker got a CA key");
-    assert_eq!(mode(&firstboot::paths::under(&m1, firstboot::paths::STATE_FILE)), 0o600);
+    assert_eq!(mode(&proto::paths::under(&m1, proto::paths::STATE_FILE)), 0o600);
 
     // Every enrollment and signature is in the audit log.
     let audit = std::fs::read_to_string(st.root.join("audit.log")).unwrap();
@@ -276,8 +276,8 @@ async fn refusals() {
 struct OneConnection(tokio_rustls::client::TlsStream<tokio::net::TcpStream>);
 
 impl OneConnection {
-    async fn open(addr: std::net::SocketAddr, pin: firstboot::pin::CaPin) -> Self {
-        let cfg = firstboot::tls::pinned_client_config(pin, Default::default()).unwrap();
+    async fn open(addr: std::net::SocketAddr, pin: proto::pin::CaPin) -> Self {
+        let cfg = proto::tls::pinned_client_config(pin, Default::default()).unwrap();
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
         OneConnection(tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap())
@@ -331,7 +331,7 @@ async fn an_enrolled_connection_speaks_for_its_node() {
     let url = format!("https://127.0.0.1:{}", server.addr.port());
     let pin = st.ca(imgbuild::pki::CaKind::Cluster).unwrap().pin();
     let token = payload(&st, Role::Worker, &url).token;
-    let enroll = |token: &firstboot::BootstrapToken| EnrollRequest {
+    let enroll = |token: &proto::BootstrapToken| EnrollRequest {
         protocol: PROTOCOL_VERSION,
         token: token.clone(),
         identity: MachineIdentity { uuid: None, serial: None, macs: vec!["52:54:00:03:01:21".into()] },
@@ -341,7 +341,7 @@ async fn an_enrolled_connection_speaks_for_its_node() {
 
     // A failed enrollment binds nothing.
     let mut stranger = OneConnection::open(server.addr, pin).await;
-    let bad: firstboot::BootstrapToken = "zzzzzz.zzzzzzzzzzzzzzzz".parse().unwrap();
+    let bad: proto::BootstrapToken = "zzzzzz.zzzzzzzzzzzzzzzz".parse().unwrap();
     let (status, _) = stranger.call("POST", PATH_ENROLL, &serde_json::to_vec(&enroll(&bad)).unwrap()).await;
     assert_eq!(status, 401);
     assert_eq!(stranger.config().await.unwrap_err().code, ErrorCode::NotEnrolled);
@@ -368,9 +368,8 @@ async fn an_enrolled_connection_speaks_for_its_node() {
 /// A client with the enrollment certificate the node at `root` holds.
 fn enrolled_client(root: &Path, url: &str, st: &imgbuild::state::State) -> Client {
     let rec: firstboot::agent::record::Record =
-        serde_json::from_slice(&std::fs::read(firstboot::paths::under(root, firstboot::paths::STATE_FILE)).unwrap())
-            .unwrap();
-    let key = std::fs::read_to_string(firstboot::paths::under(root, "/var/lib/firstboot/enroll.key")).unwrap();
+        serde_json::from_slice(&std::fs::read(proto::paths::under(root, proto::paths::STATE_FILE)).unwrap()).unwrap();
+    let key = std::fs::read_to_string(proto::paths::under(root, "/var/lib/firstboot/enroll.key")).unwrap();
     let mut c = Client::new(
         &[url.to_string()],
         st.ca(imgbuild::pki::CaKind::Cluster).unwrap().pin(),
@@ -389,7 +388,7 @@ async fn server_speaks_http2_and_http1() {
     let server = start(&st).await;
     let ca = std::fs::read_to_string(st.pki_dir().join("ca.crt")).unwrap();
     for (alpn, want) in [(&b"h2"[..], reqwest::Version::HTTP_2), (&b"http/1.1"[..], reqwest::Version::HTTP_11)] {
-        let mut tls = firstboot::tls::client_config(&ca, None).unwrap();
+        let mut tls = proto::tls::client_config(&ca, None).unwrap();
         tls.alpn_protocols = vec![alpn.to_vec()];
         let http = reqwest::Client::builder().tls_backend_preconfigured(tls).build().unwrap();
         let r = http.get(format!("https://127.0.0.1:{}{PATH_HEALTH}", server.addr.port())).send().await.unwrap();

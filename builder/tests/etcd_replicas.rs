@@ -9,9 +9,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use firstboot::Role;
-use firstboot::proto::{ErrorCode, MachineIdentity};
 use imgbuild::serve::store::{EtcdConfig, EtcdStore, Store};
+use proto::Role;
+use proto::wire::{ErrorCode, MachineIdentity};
 use support::sim::{Sim, mac};
 use support::*;
 

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use firstboot::proto::{CertPurpose, Phase, PhaseStatus};
 use imgbuild::serve::fleet::NodeStatus;
+use proto::wire::{CertPurpose, Phase, PhaseStatus};
 use support::*;
 
 fn run_firstboot(root: &Path, payload: &Path, crash: Option<String>, netns: Option<&str>) -> std::process::Output {
@@ -68,10 +68,9 @@ fn tree(root: &Path) -> BTreeMap<String, u32> {
 fn keys_match_certs(root: &Path, purposes: &[CertPurpose]) {
     use rcgen::PublicKeyData;
     for p in purposes {
-        let (cert, key) = firstboot::paths::cert_paths(*p);
-        let pem = std::fs::read_to_string(firstboot::paths::under(root, cert)).unwrap();
-        let key =
-            rcgen::KeyPair::from_pem(&std::fs::read_to_string(firstboot::paths::under(root, key)).unwrap()).unwrap();
+        let (cert, key) = proto::paths::cert_paths(*p);
+        let pem = std::fs::read_to_string(proto::paths::under(root, cert)).unwrap();
+        let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(proto::paths::under(root, key)).unwrap()).unwrap();
         let der: rustls_pki_types::CertificateDer =
             rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes()).unwrap();
         let (_, x) = x509_parser::parse_x509_certificate(&der).unwrap();

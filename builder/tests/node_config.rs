@@ -5,11 +5,11 @@
 
 mod support;
 
-use firstboot::proto::NodeConfig;
 use imgbuild::cluster::{Cluster, DEFAULT_MANIFEST};
 use imgbuild::pki::NodeIdentity;
 use imgbuild::serve::render::{NodeInputs, Renderer};
 use imgbuild::state::{self, State};
+use proto::wire::NodeConfig;
 use support::*;
 
 fn render(r: &Renderer, cluster: &Cluster, name: &str, version: &str, containerd2: bool) -> NodeConfig {

@@ -8,11 +8,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine;
-use firstboot::Role;
 use firstboot::agent::source::{decode_guestinfo, parse_payload};
-use firstboot::bootcfg::{BOOT_CONFIG_VERSION, BootConfig};
 use imgbuild::cluster::{Cluster, DEFAULT_MANIFEST};
 use imgbuild::payload::{self, Encoding, Target};
+use proto::Role;
+use proto::bootcfg::{BOOT_CONFIG_VERSION, BootConfig};
 use support::*;
 
 /// A payload with fixed values, so that golden files do not change with each state.
@@ -23,7 +23,7 @@ fn fixed(cluster: &Cluster, target: &Target<'_>) -> BootConfig {
         ca_pin: format!("sha256:{}", "5e".repeat(32)).parse().unwrap(),
         token: "abcdef.0123456789abcdef".parse().unwrap(),
         role: target.role,
-        network: target.node.map(|n| firstboot::bootcfg::StaticNetwork {
+        network: target.node.map(|n| proto::bootcfg::StaticNetwork {
             interface: None,
             mac: n.mac.as_ref().map(ToString::to_string),
             address: n.address.to_string(),
@@ -223,7 +223,7 @@ async fn pxe_scripts_files_and_a_payload_fetched_from_the_kernel_command_line() 
     };
     let server = imgbuild::serve::start(&st, &o).await.unwrap();
     let http = format!("http://{}", server.boot_addr.unwrap());
-    firstboot::tls::install_default_provider();
+    proto::tls::install_default_provider();
     let get = |url: String| async move {
         let r = reqwest::get(&url).await.unwrap();
         (r.status().as_u16(), r.text().await.unwrap())

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use firstboot::Role;
-use firstboot::proto::{MachineIdentity, Phase};
+use proto::Role;
+use proto::wire::{MachineIdentity, Phase};
 use support::sim::{Sim, mac};
 use support::*;
 

@@ -9,7 +9,7 @@ use clap::Parser;
 use firstboot::agent::host::{RealHost, Recorder};
 use firstboot::agent::systemd::Dbus;
 use firstboot::agent::{Agent, Options, Outcome};
-use firstboot::proto::Phase;
+use proto::wire::Phase;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -63,7 +63,7 @@ fn init_logging(verbose: u8) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    firstboot::tls::install_default_provider();
+    proto::tls::install_default_provider();
     init_logging(cli.verbose);
     let mut opts = Options::new(&cli.root);
     opts.config = cli.config;
@@ -80,7 +80,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         if cli.simulate {
-            let log = firstboot::paths::under(&cli.root, firstboot::paths::STATE_DIR).join("effects.log");
+            let log = proto::paths::under(&cli.root, proto::paths::STATE_DIR).join("effects.log");
             let _ = std::fs::create_dir_all(log.parent().expect("has parent"));
             let rec = || Recorder { effects: vec![], log: Some(log.clone()) };
             Agent::new(opts, rec(), rec())?.run().await

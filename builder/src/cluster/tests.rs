@@ -8,7 +8,7 @@ fn default() -> Cluster {
 fn embedded_default_is_the_reference_cluster() {
     let c = default();
     assert_eq!(c.masters().count(), 3);
-    assert_eq!(c.nodes_with(firstboot::Role::Worker).count(), 3);
+    assert_eq!(c.nodes_with(proto::Role::Worker).count(), 3);
     assert_eq!(c.etcd, EtcdTopology::Stacked);
     assert_eq!(c.etcd_members().count(), 3);
     assert_eq!(c.api.vip.to_string(), "192.168.3.110");

@@ -6,8 +6,8 @@ use std::net::Ipv4Addr;
 use std::str::FromStr;
 use std::time::Duration;
 
-use firstboot::Role;
 use ipnet::Ipv4Net;
+use proto::Role;
 
 use super::raw::{self, RawCluster, Scalar};
 use super::types::*;

@@ -78,13 +78,13 @@ impl Cache {
         for d in ["blobs/sha256", "partial"] {
             std::fs::create_dir_all(root.join(d)).map_err(|e| io(&root.join(d), e))?;
         }
-        firstboot::tls::install_default_provider();
+        proto::tls::install_default_provider();
         // HTTPS sources are trusted through the system's CA bundle.
         let bundle = std::fs::read_to_string("/etc/ssl/certs/ca-certificates.crt").unwrap_or_default();
         let mut b =
             reqwest::Client::builder().connect_timeout(Duration::from_secs(20)).read_timeout(Duration::from_secs(60));
         if !bundle.is_empty() {
-            if let Ok(tls) = firstboot::tls::client_config(&bundle, None) {
+            if let Ok(tls) = proto::tls::client_config(&bundle, None) {
                 b = b.tls_backend_preconfigured(tls);
             }
         }
@@ -176,7 +176,7 @@ impl Cache {
                 req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
             }
             let result: Result<(), String> = async {
-                let mut resp = req.send().await.map_err(|e| firstboot::error_chain(&e))?;
+                let mut resp = req.send().await.map_err(|e| proto::error_chain(&e))?;
                 let status = resp.status();
                 let append = status == reqwest::StatusCode::PARTIAL_CONTENT;
                 if !status.is_success() {
@@ -189,7 +189,7 @@ impl Cache {
                     .truncate(!append)
                     .open(&part)
                     .map_err(|e| format!("{}: {e}", part.display()))?;
-                while let Some(chunk) = resp.chunk().await.map_err(|e| firstboot::error_chain(&e))? {
+                while let Some(chunk) = resp.chunk().await.map_err(|e| proto::error_chain(&e))? {
                     f.write_all(&chunk).map_err(|e| format!("{}: {e}", part.display()))?;
                     if let Some(t) = progress {
                         t.inc(chunk.len() as u64);

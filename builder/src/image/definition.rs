@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use firstboot::Role;
+use proto::Role;
 use serde::Deserialize;
 
 use crate::cluster::KubeVersion;

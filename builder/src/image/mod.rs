@@ -18,8 +18,8 @@ pub mod vmdk;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use firstboot::Role;
 use futures_util::StreamExt;
+use proto::Role;
 
 use self::cache::{Cache, Digest};
 use self::definition::Definition;

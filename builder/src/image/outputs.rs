@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use firstboot::Role;
+use proto::Role;
 use serde_json::{Value, json};
 
 use super::definition::Definition;

@@ -12,8 +12,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use firstboot::Role;
-use firstboot::proto::ImageInfo;
+use proto::Role;
+use proto::wire::ImageInfo;
 
 use super::cache::Cache;
 use super::definition::Definition;
@@ -228,7 +228,7 @@ pub fn role_key(def: &Definition, lock: &Lock, role: Role, epoch: i64) -> Result
         }
     }
     let _ = writeln!(s, "image.json {}", sha256_hex(&image_info(def, role)));
-    let _ = writeln!(s, "layer {} -> {}", firstboot::paths::BINARY, firstboot::paths::LAYER);
+    let _ = writeln!(s, "layer {} -> {}", proto::paths::BINARY, proto::paths::LAYER);
     Ok(sha256_hex(s.as_bytes()))
 }
 
@@ -263,7 +263,7 @@ pub fn role_tree(
             None
         };
         for inst in c.install.iter().filter(|i| i.roles.contains(&role)) {
-            let target = firstboot::paths::under(&root, &inst.to);
+            let target = proto::paths::under(&root, &inst.to);
             match (&src_dir, &inst.from) {
                 (Some(x), Some(from)) if from.ends_with('/') => {
                     let from_dir = x.join(from);
@@ -280,12 +280,12 @@ pub fn role_tree(
             }
         }
     }
-    let layer = firstboot::paths::under(&root, firstboot::paths::LAYER);
+    let layer = proto::paths::under(&root, proto::paths::LAYER);
     std::fs::create_dir_all(&layer).at(&layer)?;
-    let binary = firstboot::paths::under(&root, firstboot::paths::BINARY);
+    let binary = proto::paths::under(&root, proto::paths::BINARY);
     let _ = std::fs::remove_file(&binary);
-    std::os::unix::fs::symlink(Path::new(firstboot::paths::LAYER).join("firstboot"), &binary).at(&binary)?;
-    let info_path = firstboot::paths::under(&root, firstboot::paths::IMAGE_INFO);
+    std::os::unix::fs::symlink(Path::new(proto::paths::LAYER).join("firstboot"), &binary).at(&binary)?;
+    let info_path = proto::paths::under(&root, proto::paths::IMAGE_INFO);
     std::fs::create_dir_all(info_path.parent().expect("has parent")).at(&info_path)?;
     let _ = std::fs::remove_file(&info_path);
     std::fs::write(&info_path, image_info(def, role)).at(&info_path)?;
@@ -353,7 +353,7 @@ fn keep(made: &Path, dir: &Path, prefix: &str, key: &str) -> std::io::Result<()>
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// The firstboot layer's tree: the binary alone, mounted at [`firstboot::paths::LAYER`].
+/// The firstboot layer's tree: the binary alone, mounted at [`proto::paths::LAYER`].
 pub fn firstboot_layer(firstboot: &Path, work: &Path) -> Result<PathBuf, BakeError> {
     let dir = work.join("firstboot-layer");
     let _ = std::fs::remove_dir_all(&dir);

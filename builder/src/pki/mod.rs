@@ -11,9 +11,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use firstboot::Role;
-use firstboot::pin::CaPin;
-use firstboot::proto::CertPurpose;
+use proto::Role;
+use proto::pin::CaPin;
+use proto::wire::CertPurpose;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PKCS_RSA_SHA256, PublicKeyData, SanType, SerialNumber,

@@ -15,7 +15,7 @@ use axum::extract::{Extension, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use firstboot::proto::*;
+use proto::wire::*;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -58,7 +58,7 @@ impl Client {
     }
 
     fn node_from_pem(pem: &str) -> Option<Client> {
-        let der = firstboot::tls::certs_from_pem(pem, "client certificate").ok()?.into_iter().next()?;
+        let der = proto::tls::certs_from_pem(pem, "client certificate").ok()?.into_iter().next()?;
         Client::node(&x509_parser::parse_x509_certificate(&der).ok()?.1)
     }
 }
@@ -267,8 +267,8 @@ async fn payload_role(
     axum::extract::Path(role): axum::extract::Path<String>,
 ) -> Result<Response, ApiError> {
     app.fleet.metrics.request();
-    let role: firstboot::Role =
-        role.parse().map_err(|e: firstboot::role::UnknownRole| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
+    let role: proto::Role =
+        role.parse().map_err(|e: proto::role::UnknownRole| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
     payload_for(&app, crate::payload::Target { role, node: None }, &peer)
 }
 

@@ -12,7 +12,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use firstboot::Role;
+use proto::Role;
 
 use super::api::App;
 use crate::payload::{self, Target};

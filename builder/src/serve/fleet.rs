@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use firstboot::Role;
-use firstboot::proto::*;
+use proto::Role;
+use proto::wire::*;
 use ring::digest;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -258,7 +258,7 @@ impl Fleet {
 
     /// Checks an enrollment token: format was checked by parsing; here existence, usage,
     /// revocation and expiry.
-    fn enrollment_token(&self, presented: &firstboot::BootstrapToken) -> Result<TokenRecord, ApiError> {
+    fn enrollment_token(&self, presented: &proto::BootstrapToken) -> Result<TokenRecord, ApiError> {
         let tokens = self.tokens.current()?;
         let Some(rec) = tokens.iter().find(|t| t.token.matches(presented)) else {
             return Err(ApiError::new(

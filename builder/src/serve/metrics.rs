@@ -5,7 +5,7 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use firstboot::proto::{ErrorCode, PhaseStatus};
+use proto::wire::{ErrorCode, PhaseStatus};
 
 use super::fleet::NodeStatus;
 

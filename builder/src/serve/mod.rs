@@ -85,7 +85,7 @@ fn open_store(state: &State, cluster: &crate::cluster::Cluster, backend: &Backen
     Ok(match backend {
         Backend::Embedded => {
             let dir = state.store_dir();
-            firstboot::fsutil::ensure_dir(&dir, 0o700).with_context(|| format!("cannot create {}", dir.display()))?;
+            proto::fsutil::ensure_dir(&dir, 0o700).with_context(|| format!("cannot create {}", dir.display()))?;
             Store::Redb(RedbStore::open(&dir.join("fleet.redb"))?)
         }
         Backend::Etcd(cfg) => {
@@ -216,7 +216,7 @@ fn classify(der: &[u8], enroll_subject: &[u8], cluster_subject: &[u8]) -> Option
 }
 
 fn server_tls(state: &State, cas: &Cas) -> Result<rustls::ServerConfig> {
-    use firstboot::tls::{certs_from_pem, key_from_pem, provider};
+    use proto::tls::{certs_from_pem, key_from_pem, provider};
     let read =
         |p: std::path::PathBuf| std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()));
     let mut chain = certs_from_pem(&read(state.serve_cert())?, "serve certificate")?;
@@ -239,7 +239,7 @@ fn server_tls(state: &State, cas: &Cas) -> Result<rustls::ServerConfig> {
         .with_single_cert(chain, key)
         .context("the serve certificate and key do not match")?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    // Clients never resume (see firstboot::tls): tickets would be made, sent and stored for nothing.
+    // Clients never resume (see proto::tls): tickets would be made, sent and stored for nothing.
     cfg.send_tls13_tickets = 0;
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(cfg)

@@ -19,9 +19,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use firstboot::Role;
-use firstboot::paths;
-use firstboot::proto::*;
+use proto::Role;
+use proto::paths;
+use proto::wire::*;
 use serde::Serialize;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -121,11 +121,11 @@ impl Renderer {
         // service-account key pair; workers never receive them.
         let mut master_secrets = Vec::new();
         for (rel, node_path) in [
-            ("ca.key", "/etc/kubernetes/pki/ca.key"),
-            ("front-proxy-ca.key", "/etc/kubernetes/pki/front-proxy-ca.key"),
-            ("etcd/ca.key", "/etc/kubernetes/pki/etcd/ca.key"),
-            ("sa.key", "/etc/kubernetes/pki/sa.key"),
-            ("sa.pub", "/etc/kubernetes/pki/sa.pub"),
+            ("ca.key", paths::CA_KEY),
+            ("front-proxy-ca.key", paths::FRONT_PROXY_CA_KEY),
+            ("etcd/ca.key", paths::ETCD_CA_KEY),
+            ("sa.key", paths::SA_KEY),
+            ("sa.pub", paths::SA_PUB),
         ] {
             master_secrets.push(MasterSecret { node_path, contents: read(&pki.join(rel))? });
         }
@@ -136,7 +136,7 @@ impl Renderer {
         &self.ca_pems.iter().find(|(k, _)| *k == kind).expect("loaded at start").1
     }
 
-    fn join_token(fleet: &Fleet) -> Result<firstboot::BootstrapToken, ApiError> {
+    fn join_token(fleet: &Fleet) -> Result<proto::BootstrapToken, ApiError> {
         let tokens = fleet.tokens()?;
         crate::tokens::join_token(&tokens, OffsetDateTime::now_utc()).map(|t| t.token.clone()).ok_or_else(|| {
             ApiError::new(ErrorCode::Internal, "no valid join token: run `imgbuild init --rotate join-token`")
@@ -163,7 +163,7 @@ impl Renderer {
         kube::kubeconfig(
             &self.cluster.name,
             server,
-            kube::CaRef::File("/etc/kubernetes/pki/ca.crt"),
+            kube::CaRef::File(paths::CA_CERT),
             user,
             kube::Auth::CertFiles { cert, key },
         )
@@ -210,7 +210,7 @@ impl Renderer {
             containerd2 => inputs.containerd2, systemd_cgroup => v.cgroup_driver == "systemd",
             pause_image => PAUSE_IMAGE,
         };
-        let mut files = vec![file("/etc/kubernetes/pki/ca.crt", 0o644, self.ca_pem(CaKind::Cluster))];
+        let mut files = vec![file(paths::CA_CERT, 0o644, self.ca_pem(CaKind::Cluster))];
         let mut units = Vec::new();
         let mut sysctls = BTreeMap::from([
             ("net.ipv4.ip_forward".to_string(), "1".to_string()),
@@ -236,21 +236,17 @@ impl Renderer {
                 .collect();
             let rctx = minijinja::context! { routes => routes, ..node_ctx.clone() };
             files.push(unit_file("imgbuild-pod-routes.service", &rctx)?);
-            files.push(rendered("/etc/containerd/config.toml", "node/containerd-config.toml", &node_ctx)?);
-            files.push(rendered("/etc/cni/net.d/10-imgbuild.conflist", "node/cni.conflist", &node_ctx)?);
-            files.push(rendered("/var/lib/kubelet/config.yaml", "node/kubelet-config.yaml", &node_ctx)?);
+            files.push(rendered(paths::CONTAINERD_CONFIG, "node/containerd-config.toml", &node_ctx)?);
+            files.push(rendered(paths::CNI_CONFIG, "node/cni.conflist", &node_ctx)?);
+            files.push(rendered(paths::KUBELET_CONFIG, "node/kubelet-config.yaml", &node_ctx)?);
             files.push(unit_file("kubelet.service", &node_ctx)?);
             for mode in ["ipvs", "iptables"] {
                 let pctx = minijinja::context! { mode => mode, ..node_ctx.clone() };
-                files.push(rendered(
-                    &format!("/var/lib/kube-proxy/config-{mode}.yaml"),
-                    "node/kube-proxy-config.yaml",
-                    &pctx,
-                )?);
+                files.push(rendered(&paths::kube_proxy_config(mode), "node/kube-proxy-config.yaml", &pctx)?);
             }
             files.push(unit_file("kube-proxy.service", &node_ctx)?);
             files.push(file(
-                "/etc/kubernetes/kube-proxy.conf",
+                paths::KUBE_PROXY_KUBECONFIG,
                 0o600,
                 self.kubeconfig(&vip_url, "system:kube-proxy", CertPurpose::KubeProxy),
             ));
@@ -266,7 +262,7 @@ impl Renderer {
             let initial: Vec<String> =
                 c.etcd_members().map(|m| format!("{}=https://{}:2380", m.name, m.ip())).collect();
             let ectx = minijinja::context! { initial_cluster => initial.join(","), ..node_ctx.clone() };
-            files.push(file("/etc/kubernetes/pki/etcd/ca.crt", 0o644, self.ca_pem(CaKind::Etcd)));
+            files.push(file(paths::ETCD_CA_CERT, 0o644, self.ca_pem(CaKind::Etcd)));
             files.push(unit_file("etcd.service", &ectx)?);
             units.insert(0, unit("etcd.service", true, true));
         }
@@ -289,32 +285,32 @@ impl Renderer {
                 ..node_ctx.clone()
             };
             if !etcd_member {
-                files.push(file("/etc/kubernetes/pki/etcd/ca.crt", 0o644, self.ca_pem(CaKind::Etcd)));
+                files.push(file(paths::ETCD_CA_CERT, 0o644, self.ca_pem(CaKind::Etcd)));
             }
-            files.push(file("/etc/kubernetes/pki/front-proxy-ca.crt", 0o644, self.ca_pem(CaKind::FrontProxy)));
+            files.push(file(paths::FRONT_PROXY_CA_CERT, 0o644, self.ca_pem(CaKind::FrontProxy)));
             for s in &self.master_secrets {
                 files.push(file(s.node_path, 0o600, &s.contents));
             }
             files.push(unit_file("kube-apiserver.service", &mctx)?);
             files.push(unit_file("kube-controller-manager.service", &mctx)?);
             files.push(unit_file("kube-scheduler.service", &mctx)?);
-            files.push(rendered("/etc/kubernetes/kube-scheduler.yaml", "node/kube-scheduler.yaml", &mctx)?);
-            files.push(rendered("/etc/haproxy/haproxy.cfg", "node/haproxy.cfg", &mctx)?);
-            let mut keepalived = rendered("/etc/keepalived/keepalived.conf", "node/keepalived.conf", &mctx)?;
+            files.push(rendered(paths::SCHEDULER_CONFIG, "node/kube-scheduler.yaml", &mctx)?);
+            files.push(rendered(paths::HAPROXY_CONFIG, "node/haproxy.cfg", &mctx)?);
+            let mut keepalived = rendered(paths::KEEPALIVED_CONFIG, "node/keepalived.conf", &mctx)?;
             keepalived.expand = true;
             files.push(keepalived);
             files.push(file(
-                "/etc/kubernetes/controller-manager.conf",
+                paths::CONTROLLER_MANAGER_KUBECONFIG,
                 0o600,
                 self.kubeconfig(&local, "system:kube-controller-manager", CertPurpose::ControllerManager),
             ));
             files.push(file(
-                "/etc/kubernetes/scheduler.conf",
+                paths::SCHEDULER_KUBECONFIG,
                 0o600,
                 self.kubeconfig(&local, "system:kube-scheduler", CertPurpose::Scheduler),
             ));
             files.push(file(
-                "/etc/kubernetes/admin.conf",
+                paths::ADMIN_KUBECONFIG,
                 0o600,
                 self.kubeconfig(&vip_url, "kubernetes-admin", CertPurpose::Admin),
             ));
@@ -332,8 +328,8 @@ impl Renderer {
             modules.retain(|m| m == "overlay");
         }
         let sctx = minijinja::context! { sysctls => sysctls, modules => modules };
-        files.push(rendered("/etc/sysctl.d/90-kubernetes.conf", "node/sysctl.conf", &sctx)?);
-        files.push(rendered("/etc/modules-load.d/kubernetes.conf", "node/modules.conf", &sctx)?);
+        files.push(rendered(paths::SYSCTL_CONFIG, "node/sysctl.conf", &sctx)?);
+        files.push(rendered(paths::MODULES_CONFIG, "node/modules.conf", &sctx)?);
 
         let certs = CertPurpose::ALL
             .into_iter()
@@ -353,7 +349,7 @@ impl Renderer {
             bootstrap_kubeconfig: kube::kubeconfig(
                 &c.name,
                 &vip_url,
-                kube::CaRef::File("/etc/kubernetes/pki/ca.crt"),
+                kube::CaRef::File(paths::CA_CERT),
                 "kubelet-bootstrap",
                 kube::Auth::Token(&inputs.join_token.expose()),
             ),
@@ -371,11 +367,11 @@ impl Renderer {
                 let (admin_cert, admin_key) = paths::cert_paths(CertPurpose::Admin);
                 ControlPlaneCheck {
                     etcd_url: "https://127.0.0.1:2379".into(),
-                    etcd_ca: "/etc/kubernetes/pki/etcd/ca.crt".into(),
+                    etcd_ca: paths::ETCD_CA_CERT.into(),
                     etcd_cert: etcd_cert.into(),
                     etcd_key: etcd_key.into(),
                     apiserver_url: format!("https://{}:6443", node_ip.clone().unwrap_or_default()),
-                    ca: "/etc/kubernetes/pki/ca.crt".into(),
+                    ca: paths::CA_CERT.into(),
                     admin_cert: admin_cert.into(),
                     admin_key: admin_key.into(),
                 }
@@ -406,6 +402,6 @@ impl Renderer {
 pub struct NodeInputs {
     pub version: KubeVersion,
     pub containerd2: bool,
-    pub join_token: firstboot::BootstrapToken,
-    pub ca_pin: firstboot::pin::CaPin,
+    pub join_token: proto::BootstrapToken,
+    pub ca_pin: proto::pin::CaPin,
 }

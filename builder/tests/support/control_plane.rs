@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use firstboot::proto::CertPurpose;
 use imgbuild::cluster::Cluster;
 use imgbuild::kube;
 use imgbuild::pki::{CaKind, NodeIdentity, leaf_spec};
 use imgbuild::state::State;
+use proto::wire::CertPurpose;
 
 use super::{ChildGuard, EtcdCluster, free_port, wait_for};
 

@@ -109,11 +109,11 @@ pub fn node_root(dir: &Path, mac: &str) -> PathBuf {
 }
 
 /// The payload a node of `role` gets, pointing at `server`.
-pub fn payload(st: &imgbuild::state::State, role: firstboot::Role, server: &str) -> firstboot::bootcfg::BootConfig {
+pub fn payload(st: &imgbuild::state::State, role: proto::Role, server: &str) -> proto::bootcfg::BootConfig {
     let now = time::OffsetDateTime::now_utc();
     let tokens = st.tokens().unwrap();
-    firstboot::bootcfg::BootConfig {
-        version: firstboot::bootcfg::BOOT_CONFIG_VERSION,
+    proto::bootcfg::BootConfig {
+        version: proto::bootcfg::BOOT_CONFIG_VERSION,
         servers: vec![server.to_string()],
         ca_pin: st.ca(imgbuild::pki::CaKind::Cluster).unwrap().pin(),
         token: tokens.enrollment_token(role, now).unwrap().token.clone(),
@@ -206,8 +206,8 @@ impl EtcdCluster {
         cluster: &imgbuild::cluster::Cluster,
         members: usize,
     ) -> EtcdCluster {
-        use firstboot::proto::CertPurpose;
         use imgbuild::pki::{CaKind, NodeIdentity, leaf_spec};
+        use proto::wire::CertPurpose;
         let etcd = require_tool("etcd", "etcd-server");
         let ca = st.ca(CaKind::Etcd).unwrap();
         let ca_file = st.pki_dir().join(CaKind::Etcd.cert_file());

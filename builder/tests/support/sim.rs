@@ -6,10 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use firstboot::BootstrapToken;
 use firstboot::agent::client::{Backoff, CallError, Client};
-use firstboot::pin::CaPin;
-use firstboot::proto::*;
+use proto::BootstrapToken;
+use proto::pin::CaPin;
+use proto::wire::*;
 
 pub struct Sim {
     pub servers: Vec<String>,

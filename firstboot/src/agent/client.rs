@@ -12,9 +12,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::pin::CaPin;
-use crate::proto::{ErrorBody, ErrorCode};
-use crate::tls::ClientIdentity;
+use proto::pin::CaPin;
+use proto::tls::ClientIdentity;
+use proto::wire::{ErrorBody, ErrorCode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -94,7 +94,7 @@ impl Client {
         deadline: Instant,
     ) -> Result<Self, SetupError> {
         let identity = ClientIdentity::from_pem(identity).map_err(|e| SetupError(e.to_string()))?;
-        let tls = crate::tls::pinned_client_config(pin, identity.clone()).map_err(|e| SetupError(e.to_string()))?;
+        let tls = proto::tls::pinned_client_config(pin, identity.clone()).map_err(|e| SetupError(e.to_string()))?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .timeout(Duration::from_secs(30))
@@ -202,7 +202,7 @@ fn is_certificate_error(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-pub use crate::error_chain;
+pub use proto::error_chain;
 
 #[cfg(test)]
 mod tests {

@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::paths;
-use crate::proto::DataDisk;
+use proto::paths;
+use proto::wire::DataDisk;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -43,8 +43,8 @@ impl RealHost {
 impl Host for RealHost {
     fn set_hostname(&mut self, name: &str) -> Result<(), HostError> {
         let err = |reason: String| HostError::Hostname { name: name.to_string(), reason };
-        crate::fsutil::write_atomic(&self.path("/etc/hostname"), format!("{name}\n").as_bytes(), 0o644, None)
-            .map_err(|e| err(format!("/etc/hostname: {e}")))?;
+        proto::fsutil::write_atomic(&self.path(paths::HOSTNAME), format!("{name}\n").as_bytes(), 0o644, None)
+            .map_err(|e| err(format!("{}: {e}", paths::HOSTNAME)))?;
         nix::unistd::sethostname(name).map_err(|e| err(e.to_string()))
     }
 

@@ -7,8 +7,8 @@
 
 use std::path::Path;
 
-use crate::paths;
-use crate::proto::{HostSetup, MachineIdentity};
+use proto::paths;
+use proto::wire::{HostSetup, MachineIdentity};
 
 pub trait IdentitySource: Send + Sync {
     fn name(&self) -> &'static str;

@@ -16,10 +16,10 @@ use serde_json::Value;
 
 use super::client::{Client as Enrollment, error_chain};
 use super::systemd::Systemd;
-use crate::fsutil::{ensure_dir, write_atomic};
-use crate::paths;
-use crate::pin::{CaPin, verify_detached_jws};
-use crate::proto::{ControlPlaneCheck, JoinSpec, LeaseAction, LeaseRequest, LeaseResponse, PATH_BOOTSTRAP_LEASE};
+use proto::fsutil::{ensure_dir, write_atomic};
+use proto::paths;
+use proto::pin::{CaPin, verify_detached_jws};
+use proto::wire::{ControlPlaneCheck, JoinSpec, LeaseAction, LeaseRequest, LeaseResponse, PATH_BOOTSTRAP_LEASE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
@@ -43,7 +43,7 @@ pub struct Kube {
 
 impl Kube {
     pub fn new(base: &str, ca_pem: &str, client: Option<(&str, &str)>) -> Result<Self, JoinError> {
-        let tls = crate::tls::client_config(ca_pem, client).map_err(other)?;
+        let tls = proto::tls::client_config(ca_pem, client).map_err(other)?;
         Self::with_tls(base, tls)
     }
 
@@ -199,7 +199,7 @@ pub fn verify_cluster_info(body: &str, spec: &JoinSpec) -> Result<String, String
 }
 
 async fn discover(spec: &JoinSpec, deadline: Instant) -> Result<String, JoinError> {
-    let provider = crate::tls::provider();
+    let provider = proto::tls::provider();
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(other)?
@@ -307,7 +307,7 @@ pub async fn join<S: Systemd>(
     };
     if spec.discovery {
         let ca = discover(spec, deadline).await?;
-        let ca_path = paths::under(root, "/etc/kubernetes/pki/ca.crt");
+        let ca_path = paths::under(root, paths::CA_CERT);
         match std::fs::read_to_string(&ca_path) {
             Ok(have) if CaPin::of_cert_pem(&have).ok() != Some(spec.ca_pin) => {
                 return Err(JoinError::Discovery(format!("{} does not have the pinned CA", ca_path.display())));
@@ -331,7 +331,7 @@ pub async fn join<S: Systemd>(
         std::fs::read_to_string(&cert_path).map_err(|e| format!("{}: {e}", cert_path.display()))
     })
     .await?;
-    let ca = read(root, "/etc/kubernetes/pki/ca.crt")?;
+    let ca = read(root, paths::CA_CERT)?;
     let as_node = Kube::new(&spec.api_server, &ca, Some((&pem, &pem)))?;
     let node_path = format!("/api/v1/nodes/{}", spec.node_name);
     wait_until(&format!("Node {}", spec.node_name), deadline, || async {

@@ -24,10 +24,10 @@ use self::host::Host;
 use self::record::{Record, RecordFile};
 use self::source::Found;
 use self::systemd::Systemd;
-use crate::bootcfg::BootConfig;
-use crate::fsutil::{ensure_dir, write_atomic};
-use crate::paths;
-use crate::proto::*;
+use proto::bootcfg::BootConfig;
+use proto::fsutil::{ensure_dir, write_atomic};
+use proto::paths;
+use proto::wire::*;
 
 /// How a run is set up.
 #[derive(Debug, Clone)]
@@ -344,7 +344,7 @@ impl<H: Host, S: Systemd> Agent<H, S> {
 
     /// A static address from the payload, for networks without DHCP: a systemd-networkd file for
     /// the NIC (by MAC, or name), applied before enrolling.
-    async fn static_network(&mut self, net: &crate::bootcfg::StaticNetwork) -> Result<(), String> {
+    async fn static_network(&mut self, net: &proto::bootcfg::StaticNetwork) -> Result<(), String> {
         let matcher = match (&net.mac, &net.interface) {
             (Some(mac), _) => format!("MACAddress={mac}"),
             (None, Some(name)) => format!("Name={name}"),
@@ -360,7 +360,7 @@ impl<H: Host, S: Systemd> Agent<H, S> {
         for d in &net.dns {
             unit.push_str(&format!("DNS={d}\n"));
         }
-        let path = paths::under(&self.opts.root, "/etc/systemd/network/10-firstboot.network");
+        let path = paths::under(&self.opts.root, paths::STATIC_NETWORK);
         ensure_dir(path.parent().expect("has parent"), 0o755).map_err(|e| format!("{}: {e}", path.display()))?;
         write_atomic(&path, unit.as_bytes(), 0o644, None).map_err(|e| format!("{}: {e}", path.display()))?;
         self.systemd.restart("systemd-networkd.service").await.map_err(|e| e.to_string())
@@ -533,8 +533,8 @@ impl Record {
 }
 
 /// Fetches a payload named on the kernel command line; HTTPS is trusted only under `pin`.
-async fn fetch_remote(url: &str, pin: crate::pin::CaPin) -> Result<BootConfig, String> {
-    let tls = crate::tls::pinned_client_config(pin, Default::default()).map_err(|e| e.to_string())?;
+async fn fetch_remote(url: &str, pin: proto::pin::CaPin) -> Result<BootConfig, String> {
+    let tls = proto::tls::pinned_client_config(pin, Default::default()).map_err(|e| e.to_string())?;
     let http = reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .timeout(Duration::from_secs(30))

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::bootcfg::BootConfig;
-use crate::fsutil::{ensure_dir, write_atomic};
-use crate::paths;
-use crate::proto::{ImageInfo, IssuedCert, MachineIdentity, NodeAssignment, NodeConfig, Phase, Report};
+use proto::bootcfg::BootConfig;
+use proto::fsutil::{ensure_dir, write_atomic};
+use proto::paths;
+use proto::wire::{ImageInfo, IssuedCert, MachineIdentity, NodeAssignment, NodeConfig, Phase, Report};
 
 pub const RECORD_VERSION: u32 = 1;
 

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 
-use crate::bootcfg::{BootConfig, CmdlineConfig, parse_cmdline};
-use crate::paths;
+use proto::bootcfg::{BootConfig, CmdlineConfig, parse_cmdline};
+use proto::paths;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -38,7 +38,7 @@ pub enum Found {
     /// Fetch from this URL; trust only this CA when it is HTTPS.
     Remote {
         url: String,
-        pin: crate::pin::CaPin,
+        pin: proto::pin::CaPin,
     },
 }
 
@@ -274,8 +274,8 @@ pub fn load(root: &Path, sources: &[Box<dyn ConfigSource>]) -> Result<Option<(Fo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bootcfg::BOOT_CONFIG_VERSION;
-    use crate::role::Role;
+    use proto::bootcfg::BOOT_CONFIG_VERSION;
+    use proto::role::Role;
 
     fn sample() -> BootConfig {
         BootConfig {

@@ -74,9 +74,8 @@ impl EtcdStore {
         }
         let mut b = reqwest::Client::builder().timeout(std::time::Duration::from_secs(10));
         if let Some(ca) = &cfg.ca_pem {
-            let tls =
-                firstboot::tls::client_config(ca, cfg.client_cert_pem.as_deref().zip(cfg.client_key_pem.as_deref()))
-                    .map_err(|e| fail(format!("TLS setup: {e}")))?;
+            let tls = proto::tls::client_config(ca, cfg.client_cert_pem.as_deref().zip(cfg.client_key_pem.as_deref()))
+                .map_err(|e| fail(format!("TLS setup: {e}")))?;
             b = b.tls_backend_preconfigured(tls);
         }
         let http = b.build().map_err(|e| fail(format!("HTTP client: {e}")))?;

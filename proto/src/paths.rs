@@ -25,6 +25,36 @@ pub const LAYER: &str = "/usr/lib/firstboot";
 pub const KUBERNETES_DIR: &str = "/etc/kubernetes";
 pub const PKI_DIR: &str = "/etc/kubernetes/pki";
 pub const ETCD_PKI_DIR: &str = "/etc/kubernetes/pki/etcd";
+/// The CAs every node trusts, and the keys masters hold (kubeadm's file names).
+pub const CA_CERT: &str = "/etc/kubernetes/pki/ca.crt";
+pub const CA_KEY: &str = "/etc/kubernetes/pki/ca.key";
+pub const ETCD_CA_CERT: &str = "/etc/kubernetes/pki/etcd/ca.crt";
+pub const ETCD_CA_KEY: &str = "/etc/kubernetes/pki/etcd/ca.key";
+pub const FRONT_PROXY_CA_CERT: &str = "/etc/kubernetes/pki/front-proxy-ca.crt";
+pub const FRONT_PROXY_CA_KEY: &str = "/etc/kubernetes/pki/front-proxy-ca.key";
+/// The service-account signing key pair (masters).
+pub const SA_KEY: &str = "/etc/kubernetes/pki/sa.key";
+pub const SA_PUB: &str = "/etc/kubernetes/pki/sa.pub";
+/// Kubeconfigs of the components and the operator on a master (kubeadm's names).
+pub const ADMIN_KUBECONFIG: &str = "/etc/kubernetes/admin.conf";
+pub const CONTROLLER_MANAGER_KUBECONFIG: &str = "/etc/kubernetes/controller-manager.conf";
+pub const SCHEDULER_KUBECONFIG: &str = "/etc/kubernetes/scheduler.conf";
+pub const SCHEDULER_CONFIG: &str = "/etc/kubernetes/kube-scheduler.yaml";
+pub const KUBE_PROXY_KUBECONFIG: &str = "/etc/kubernetes/kube-proxy.conf";
+/// kube-proxy's configuration for a proxy mode (`ipvs`, `iptables`).
+pub fn kube_proxy_config(mode: &str) -> String {
+    format!("/var/lib/kube-proxy/config-{mode}.yaml")
+}
+pub const KUBELET_CONFIG: &str = "/var/lib/kubelet/config.yaml";
+pub const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
+pub const CNI_CONFIG: &str = "/etc/cni/net.d/10-imgbuild.conflist";
+pub const HAPROXY_CONFIG: &str = "/etc/haproxy/haproxy.cfg";
+pub const KEEPALIVED_CONFIG: &str = "/etc/keepalived/keepalived.conf";
+pub const SYSCTL_CONFIG: &str = "/etc/sysctl.d/90-kubernetes.conf";
+pub const MODULES_CONFIG: &str = "/etc/modules-load.d/kubernetes.conf";
+/// The static address from a per-node payload (systemd-networkd).
+pub const STATIC_NETWORK: &str = "/etc/systemd/network/10-firstboot.network";
+pub const HOSTNAME: &str = "/etc/hostname";
 /// Units and drop-ins delivered by the role config.
 pub const SYSTEMD_DIR: &str = "/etc/systemd/system";
 /// The kubelet's rotated client certificate (written by the kubelet after TLS bootstrap).
@@ -44,8 +74,8 @@ pub fn under(root: &Path, path: impl AsRef<Path>) -> PathBuf {
 }
 
 /// Where a node keeps the certificate and key of each purpose (kubeadm's file names).
-pub fn cert_paths(purpose: crate::proto::CertPurpose) -> (&'static str, &'static str) {
-    use crate::proto::CertPurpose as P;
+pub fn cert_paths(purpose: crate::wire::CertPurpose) -> (&'static str, &'static str) {
+    use crate::wire::CertPurpose as P;
     match purpose {
         P::Apiserver => ("/etc/kubernetes/pki/apiserver.crt", "/etc/kubernetes/pki/apiserver.key"),
         P::ApiserverKubeletClient => {
