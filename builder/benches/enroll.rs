@@ -60,7 +60,7 @@ fn run(n: usize) -> Run {
     let sim = Arc::new(Sim {
         servers: vec![serve.url.clone()],
         pin: st.ca(imgbuild::pki::CaKind::Cluster).unwrap().pin(),
-        token: st.tokens().unwrap().enrollment_token(Role::Worker, now).unwrap().token.clone(),
+        token: Some(st.tokens().unwrap().enrollment_token(Role::Worker, now).unwrap().token.clone()),
         deadline: Duration::from_secs(120),
     });
     let prepared: Vec<Prepared> = (0..n).map(|_| Prepared::new()).collect();

@@ -153,6 +153,21 @@ pub struct ServeArgs {
     /// Baked images to serve: DIR/<role>/pxe/ (the --out of the bakes)
     #[arg(long, value_name = "DIR")]
     pub boot_dir: Option<PathBuf>,
+    /// Connections open at once, per listener; more are closed as they come
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    pub max_connections: usize,
+    /// Seconds a client may take to send a request's headers
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub header_timeout: u64,
+    /// Seconds a request may take, its body included
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub request_timeout: u64,
+    /// Seconds a connection may stay idle
+    #[arg(long, default_value_t = 90, value_name = "SECONDS")]
+    pub idle_timeout: u64,
+    /// Refused enrollments one source address may have per minute before it is answered 429
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub failures_per_minute: u32,
 }
 
 #[derive(Debug, Args)]
@@ -169,17 +184,45 @@ pub struct NodesArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum NodesCommand {
-    /// Let a machine waiting for approval enroll
+    /// Let a machine waiting for approval enroll, with the key its console shows
     Approve(ApproveArgs),
+    /// Unbind a node so that a machine may enroll as it again (a replaced or reinstalled
+    /// machine); an inventory node gets a new credential
+    Reset(ResetArgs),
+    /// Refuse a node's certificate from its next request on
+    Revoke(RevokeArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct ApproveArgs {
     /// The machine: its identity key (uuid:... or macs:...), a MAC or its UUID
     pub machine: String,
-    /// Node name to give it (default: derived from its identity)
+    /// The key to approve (sha256:..., as the machine's console and `imgbuild nodes` show it);
+    /// needed when the machine asked with more than one
+    #[arg(long, value_name = "SHA256")]
+    pub key: Option<String>,
+    /// Node name for a machine outside the inventory (default: derived from its identity)
     #[arg(long)]
     pub name: Option<String>,
+    /// Role for a machine outside the inventory (default: worker)
+    #[arg(long)]
+    pub role: Option<Role>,
+}
+
+#[derive(Debug, Args)]
+pub struct ResetArgs {
+    /// The node to unbind
+    pub node: String,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct RevokeArgs {
+    /// The node whose enrollment to revoke
+    pub node: Option<String>,
+    /// Revoke every node that enrolled with this credential (token id)
+    #[arg(long, value_name = "ID")]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -236,9 +279,12 @@ pub struct TokenCreateArgs {
     /// Extra groups for Kubernetes tokens (system:bootstrappers:...); comma-separated
     #[arg(long, value_delimiter = ',')]
     pub groups: Vec<String>,
-    /// Enrollment tokens: the role machines enrolling with it get
+    /// Enrollment tokens: the role machines enrolling with it get (a role token: worker only)
     #[arg(long)]
     pub role: Option<Role>,
+    /// Enrollment tokens: a credential for this inventory node only (one machine, once)
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
     /// Enrollment tokens: how many machines may enroll with it
     #[arg(long, value_name = "N")]
     pub max_uses: Option<u32>,

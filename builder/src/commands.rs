@@ -103,7 +103,7 @@ pub fn token(global: &Global, cmd: &TokenCommand) -> Result<()> {
     let now = OffsetDateTime::now_utc();
     match cmd {
         TokenCommand::Create(a) => {
-            let req = new_token(a)?;
+            let req = new_token(a, &cluster)?;
             let t = tokens.create(req, now)?.clone();
             tokens.save()?;
             st.render_kube_objects(&cluster, &tokens, now)?;
@@ -174,7 +174,7 @@ pub fn token(global: &Global, cmd: &TokenCommand) -> Result<()> {
     Ok(())
 }
 
-fn new_token(a: &TokenCreateArgs) -> Result<NewToken> {
+fn new_token(a: &TokenCreateArgs, cluster: &Cluster) -> Result<NewToken> {
     let ttl = if a.ttl == "0" {
         None
     } else {
@@ -185,10 +185,22 @@ fn new_token(a: &TokenCreateArgs) -> Result<NewToken> {
     if groups.is_empty() && a.usages.contains(&TokenUsage::Authentication) {
         groups.push(crate::tokens::DEFAULT_NODE_GROUP.to_string());
     }
-    if a.role.is_some() && !a.usages.contains(&TokenUsage::Enrollment) {
-        bail!(InvalidInput("--role needs --usages enrollment".into()));
+    if (a.role.is_some() || a.node.is_some()) && !a.usages.contains(&TokenUsage::Enrollment) {
+        bail!(InvalidInput("--role and --node need --usages enrollment".into()));
     }
-    Ok(NewToken { ttl, usages, groups, description: a.description.clone(), role: a.role, max_uses: a.max_uses })
+    let (role, max_uses) = match &a.node {
+        // A node's credential: its inventory role, one machine.
+        Some(name) => {
+            let node =
+                cluster.node(name).ok_or_else(|| InvalidInput(format!("--node: no node {name} in the inventory")))?;
+            if a.role.is_some_and(|r| r != node.role) {
+                bail!(InvalidInput(format!("--role: {name} is a {} in the inventory", node.role)));
+            }
+            (Some(node.role), Some(a.max_uses.unwrap_or(1)))
+        }
+        None => (a.role, a.max_uses),
+    };
+    Ok(NewToken { ttl, usages, groups, description: a.description.clone(), role, node: a.node.clone(), max_uses })
 }
 
 fn rfc3339(t: OffsetDateTime) -> String {
@@ -231,6 +243,14 @@ pub fn serve(global: &Global, args: &crate::cli::ServeArgs) -> Result<()> {
         backend,
         audit_file: true,
         boot: args.boot_listen.zip(args.boot_dir.clone()),
+        limits: crate::serve::conn::Limits {
+            connections: args.max_connections,
+            headers: std::time::Duration::from_secs(args.header_timeout),
+            request: std::time::Duration::from_secs(args.request_timeout),
+            idle: std::time::Duration::from_secs(args.idle_timeout),
+            failures_per_minute: args.failures_per_minute,
+            ..Default::default()
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
@@ -253,21 +273,47 @@ async fn shutdown_signal() {
     }
 }
 
-/// An HTTPS client with the operator's admin certificate from admin.conf.
-fn admin_client(st: &State) -> Result<reqwest::Client> {
-    use base64::Engine;
-    let kc = std::fs::read_to_string(st.admin_kubeconfig())
-        .with_context(|| format!("cannot read {}", st.admin_kubeconfig().display()))?;
-    let v: serde_json::Value = serde_saphyr::from_str(&kc).context("admin.conf")?;
-    let b64 = |p: &str| -> Result<String> {
-        let s = v.pointer(p).and_then(|x| x.as_str()).with_context(|| format!("admin.conf has no {p}"))?;
-        Ok(String::from_utf8(base64::engine::general_purpose::STANDARD.decode(s)?)?)
-    };
-    let cert = b64("/users/0/user/client-certificate-data")?;
-    let key = b64("/users/0/user/client-key-data")?;
-    let ca = std::fs::read_to_string(st.pki_dir().join("ca.crt"))?;
-    let tls = proto::tls::client_config(&ca, Some((&cert, &key)))?;
-    Ok(reqwest::Client::builder().tls_backend_preconfigured(tls).timeout(std::time::Duration::from_secs(30)).build()?)
+/// The operator's client for `imgbuild serve`: the state dir's admin identity, the server
+/// trusted under the cluster CA.
+struct AdminClient {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl AdminClient {
+    fn new(st: &State, url: String) -> Result<Self> {
+        let read =
+            |p: std::path::PathBuf| std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()));
+        let (cert, key) = (read(st.serve_admin_cert())?, read(st.serve_admin_key())?);
+        let ca = read(st.pki_dir().join(crate::pki::CaKind::Cluster.cert_file()))?;
+        let tls = proto::tls::client_config(&ca, Some((&cert, &key)))?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(std::time::Duration::from_secs(30))
+            .build()?;
+        Ok(AdminClient { http, url })
+    }
+
+    /// A call of the operator's API; the server's error body becomes the error.
+    async fn call<R: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Option<&impl serde::Serialize>,
+    ) -> Result<R> {
+        let url = format!("{}{path}", self.url);
+        let req = match body {
+            Some(b) => self.http.post(&url).json(b),
+            None => self.http.get(&url),
+        };
+        let r = req.send().await.with_context(|| format!("cannot reach {}", self.url))?;
+        let status = r.status();
+        let text = r.text().await?;
+        if !status.is_success() {
+            let reason = serde_json::from_str::<proto::wire::ErrorBody>(&text).map_or(text, |b| b.error);
+            bail!("{url}: {status}: {reason}");
+        }
+        Ok(serde_json::from_str(if text.is_empty() { "null" } else { &text })?)
+    }
 }
 
 fn server_url(st: &State, given: &Option<String>) -> Result<String> {
@@ -282,39 +328,73 @@ fn server_url(st: &State, given: &Option<String>) -> Result<String> {
 }
 
 pub fn nodes(global: &Global, args: &crate::cli::NodesArgs) -> Result<()> {
-    use crate::serve::fleet::NodeStatus;
+    use crate::cli::NodesCommand as C;
+    use proto::wire::*;
     let st = State::new(&global.state);
-    st.cluster()?;
-    let url = server_url(&st, &args.server)?;
-    let http = admin_client(&st)?;
+    let cluster = st.cluster()?;
+    let admin = AdminClient::new(&st, server_url(&st, &args.server)?)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
-        let url = url.as_str();
-        let check = |r: reqwest::Response| async move {
-            let status = r.status();
-            let body = r.text().await?;
-            if !status.is_success() {
-                bail!("{url}: HTTP {status}: {body}");
-            }
-            Ok::<_, anyhow::Error>(body)
-        };
         match &args.command {
-            Some(crate::cli::NodesCommand::Approve(a)) => {
-                let body = serde_json::json!({"machine": a.machine, "name": a.name});
-                let r = http
-                    .post(format!("{url}/v1/nodes/approve"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .with_context(|| format!("cannot reach {url}"))?;
-                let s: NodeStatus = serde_json::from_str(&check(r).await?)?;
-                eprintln!("approved {} as {} node {}", s.machine, s.role, s.node.unwrap_or_default());
+            Some(C::Approve(a)) => {
+                let req = ApproveRequest { machine: a.machine.clone(), key: a.key.clone(), name: a.name.clone(), role: a.role };
+                let s: NodeStatus = admin.call(PATH_NODES_APPROVE, Some(&req)).await?;
+                eprintln!(
+                    "approved {} (key {}) as {} node {}: it binds when it asks again",
+                    s.machine,
+                    s.key.unwrap_or_default(),
+                    s.role,
+                    s.node.unwrap_or_default()
+                );
+            }
+            Some(C::Reset(a)) => {
+                let () = admin.call(PATH_NODES_RESET, Some(&ResetRequest { node: a.node.clone() })).await?;
+                eprintln!("node {} is unbound: a machine may enroll as it again", a.node);
+                // An inventory node gets a new credential (its old one is spent or revoked).
+                if let Some(node) = cluster.node(&a.node) {
+                    let now = OffsetDateTime::now_utc();
+                    let mut tokens = st.tokens()?;
+                    let old: Vec<String> = tokens
+                        .records
+                        .iter()
+                        .filter(|t| t.node.as_deref() == Some(node.name.as_str()) && t.state(now) == TokenState::Valid)
+                        .map(|t| t.id().to_string())
+                        .collect();
+                    for id in old {
+                        tokens.revoke(&id, now)?;
+                    }
+                    let t = tokens.create(
+                        NewToken {
+                            ttl: Some(cluster.enrollment.enrollment_token_ttl),
+                            usages: [TokenUsage::Enrollment].into_iter().collect(),
+                            groups: vec![],
+                            description: format!("{} {} (imgbuild nodes reset)", node.role, node.name),
+                            role: Some(node.role),
+                            node: Some(node.name.clone()),
+                            max_uses: Some(1),
+                        },
+                        now,
+                    )?;
+                    let id = t.id().to_string();
+                    tokens.save()?;
+                    eprintln!(
+                        "new credential {id} for {}: hand the machine a new payload (imgbuild payload --role {} --node {}), or approve it when it asks",
+                        node.name, node.role, node.name
+                    );
+                }
+            }
+            Some(C::Revoke(a)) => {
+                let req = RevokeRequest { node: a.node.clone(), token: a.token.clone() };
+                let r: RevokeResponse = admin.call(PATH_NODES_REVOKE, Some(&req)).await?;
+                if r.revoked.is_empty() {
+                    eprintln!("nothing to revoke");
+                }
+                for n in &r.revoked {
+                    eprintln!("revoked node {n}: its certificate is refused from its next request on");
+                }
             }
             None => {
-                let r =
-                    http.get(format!("{url}/v1/nodes")).send().await.with_context(|| format!("cannot reach {url}"))?;
-                let body = check(r).await?;
-                let list: Vec<NodeStatus> = serde_json::from_str(&body)?;
+                let list: Vec<NodeStatus> = admin.call(PATH_NODES, None::<&()>).await?;
                 if args.json {
                     println!("{}", serde_json::to_string_pretty(&list)?);
                 } else {
@@ -326,30 +406,42 @@ pub fn nodes(global: &Global, args: &crate::cli::NodesArgs) -> Result<()> {
     })
 }
 
-fn print_nodes(list: &[crate::serve::fleet::NodeStatus]) -> Result<()> {
+fn print_nodes(list: &[proto::wire::NodeStatus]) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{:<16} {:<7} {:<9} {:<15} {:<10} {:<20} MESSAGE",
-        "NODE", "ROLE", "STATE", "PHASE", "STATUS", "LAST REPORT"
+        "{:<16} {:<7} {:<9} {:<12} {:<15} {:<10} {:<20} MESSAGE",
+        "NODE", "ROLE", "STATE", "PROOF", "PHASE", "STATUS", "LAST REPORT"
     )?;
     for n in list {
-        let state = serde_json::to_value(n.state)?.as_str().unwrap_or_default().to_string();
         writeln!(
             out,
-            "{:<16} {:<7} {:<9} {:<15} {:<10} {:<20} {}",
+            "{:<16} {:<7} {:<9} {:<12} {:<15} {:<10} {:<20} {}",
             n.node.as_deref().unwrap_or("-"),
             n.role,
-            state,
+            n.state.as_str(),
+            n.proof.map_or("-", |p| p.as_str()),
             n.phase.map_or("-", |p| p.as_str()),
             n.status.map_or("-", |s| s.as_str()),
             n.last_report_at.map_or("-".to_string(), rfc3339),
-            if n.node.is_none() {
-                format!("{} (imgbuild nodes approve {})", n.message, n.machine)
-            } else {
-                n.message.clone()
+            match n.state {
+                proto::wire::MachineState::Pending => format!(
+                    "{} from {} asks with key {}: imgbuild nodes approve {} --key {}",
+                    n.machine,
+                    n.source,
+                    n.key.as_deref().unwrap_or("-"),
+                    n.machine,
+                    n.key.as_deref().unwrap_or("-")
+                ),
+                _ => n.message.clone(),
             },
         )?;
+        for k in &n.other_keys {
+            writeln!(out, "    also asked with key {k} (a second machine claims this identity?)")?;
+        }
+        for c in &n.conflicts {
+            writeln!(out, "    conflict: {} from {} with key {} at {}", c.machine, c.source, c.key, rfc3339(c.at))?;
+        }
         for e in &n.errors {
             writeln!(out, "    error: {e}")?;
         }

@@ -170,6 +170,7 @@ mod tests {
                     groups,
                     description: "join".into(),
                     role: None,
+                    node: None,
                     max_uses: None,
                 },
                 now,

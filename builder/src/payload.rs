@@ -2,6 +2,13 @@
 //! way payloads reach machines. Ignition (through the ignition-config crate), cloud-init,
 //! VMware guestinfo, and iPXE scripts, all from one [`BootConfig`]. Deterministic: the same
 //! state gives the same bytes, so operators can diff them. No private key is ever in one.
+//!
+//! What may be in one (docs/security.md): a node's payload carries that node's one-time
+//! credential, a worker role's payload the worker token; both travel the operator's channels
+//! (Ignition and cloud-init data, guestinfo). A master role's payload carries no credential:
+//! a master proves itself with its own node payload or the operator's approval. What
+//! `imgbuild serve` hands out to anyone (payloads over its open endpoints, iPXE scripts) is
+//! [`open_config`]: the server and its pin, never a credential.
 
 use std::io::Write;
 
@@ -30,6 +37,10 @@ pub enum PayloadError {
         "no valid enrollment token for role {0}: run `imgbuild init --rotate enrollment-tokens` or `imgbuild token create --usages enrollment --role {0}`"
     )]
     NoToken(Role),
+    #[error(
+        "node {0} has no valid credential (spent, expired or revoked): `imgbuild nodes reset {0}` unbinds it and makes a new one"
+    )]
+    NoCredential(String),
     #[error("no node '{0}' in the cluster manifest")]
     NoNode(String),
     #[error("node {node} is a {actual}, not a {wanted}")]
@@ -62,16 +73,34 @@ impl Target<'_> {
     }
 }
 
-/// The payload's content, from the cluster state.
+/// The payload the operator hands to a machine: with the node's own credential for a node, the
+/// worker token for workers, and no credential for a master role payload (approval).
 pub fn boot_config(state: &State, cluster: &Cluster, target: &Target<'_>) -> Result<BootConfig, PayloadError> {
     let tokens = state.tokens()?;
-    let token =
-        tokens.enrollment_token(target.role, OffsetDateTime::now_utc()).ok_or(PayloadError::NoToken(target.role))?;
+    let now = OffsetDateTime::now_utc();
+    let token = match (target.node, target.role) {
+        (Some(n), _) => Some(
+            tokens
+                .node_credential(&n.name, now)
+                .ok_or_else(|| PayloadError::NoCredential(n.name.clone()))?
+                .token
+                .clone(),
+        ),
+        (None, Role::Worker) => {
+            Some(tokens.enrollment_token(Role::Worker, now).ok_or(PayloadError::NoToken(Role::Worker))?.token.clone())
+        }
+        (None, _) => None,
+    };
+    Ok(BootConfig { token, ..open_config(state, cluster, target)? })
+}
+
+/// What anyone may have: the servers, the CA pin, the role and a node's static address.
+pub fn open_config(state: &State, cluster: &Cluster, target: &Target<'_>) -> Result<BootConfig, PayloadError> {
     Ok(BootConfig {
         version: BOOT_CONFIG_VERSION,
         servers: cluster.enrollment.servers.iter().map(ToString::to_string).collect(),
         ca_pin: state.ca(CaKind::Cluster)?.pin(),
-        token: token.token.clone(),
+        token: None,
         role: target.role,
         network: target.node.map(|n| StaticNetwork {
             interface: None,
@@ -231,8 +260,8 @@ pub fn guestinfo_text(pairs: &[(String, String)], vm: &str) -> String {
 pub fn payload_url(cluster: &Cluster, target: &Target<'_>) -> String {
     let server = cluster.enrollment.servers.first().map(ToString::to_string).unwrap_or_default();
     match target.node {
-        Some(n) => format!("{server}/v1/payload/node/{}", n.name),
-        None => format!("{server}/v1/payload/role/{}", target.role),
+        Some(n) => format!("{server}{}", proto::wire::payload_node_path(&n.name)),
+        None => format!("{server}{}", proto::wire::payload_role_path(target.role)),
     }
 }
 

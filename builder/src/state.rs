@@ -4,8 +4,9 @@
 //! ```text
 //! cluster.yaml        the resolved spec (every default filled in)
 //! pki/                kubeadm's layout: ca.*, etcd/ca.*, front-proxy-ca.*, sa.key, sa.pub,
-//!                     plus enrollment-ca.* and serve.* (imgbuild serve's certificate)
-//! tokens.json         join and enrollment tokens (0600)
+//!                     plus enrollment-ca.*, serve.* (imgbuild serve's certificate) and
+//!                     imgbuild-admin.* (the operator's identity on imgbuild serve)
+//! tokens.json         join tokens, node credentials and the worker token (0600)
 //! admin.conf          the operator's kubeconfig (0600)
 //! kube/               objects to `kubectl apply -f`: bootstrap-token Secrets, RBAC, cluster-info
 //! store/              imgbuild serve's database
@@ -64,13 +65,14 @@ pub enum Rotate {
     ServiceAccount,
     ServeCert,
     Admin,
+    ServeAdmin,
     JoinToken,
     EnrollmentTokens,
 }
 
 impl Rotate {
     pub const NAMES: &'static str =
-        "ca, etcd-ca, front-proxy-ca, enrollment-ca, sa, serve-cert, admin, join-token, enrollment-tokens";
+        "ca, etcd-ca, front-proxy-ca, enrollment-ca, sa, serve-cert, admin, serve-admin, join-token, enrollment-tokens";
 }
 
 impl std::str::FromStr for Rotate {
@@ -83,6 +85,7 @@ impl std::str::FromStr for Rotate {
             "sa" => Ok(Rotate::ServiceAccount),
             "serve-cert" => Ok(Rotate::ServeCert),
             "admin" => Ok(Rotate::Admin),
+            "serve-admin" => Ok(Rotate::ServeAdmin),
             "join-token" => Ok(Rotate::JoinToken),
             "enrollment-tokens" => Ok(Rotate::EnrollmentTokens),
             _ => Err(format!("cannot rotate '{s}' (valid: {})", Rotate::NAMES)),
@@ -124,6 +127,13 @@ impl State {
     }
     pub fn serve_key(&self) -> PathBuf {
         self.pki_dir().join("serve.key")
+    }
+    /// The operator's identity on `imgbuild serve`.
+    pub fn serve_admin_cert(&self) -> PathBuf {
+        self.pki_dir().join("imgbuild-admin.crt")
+    }
+    pub fn serve_admin_key(&self) -> PathBuf {
+        self.pki_dir().join("imgbuild-admin.key")
     }
 
     pub fn exists(&self) -> bool {
@@ -249,6 +259,7 @@ pub fn init(state: &State, cluster: &Cluster, rotate: &[Rotate]) -> Result<InitR
 
     // --- CAs ----------------------------------------------------------------------------------
     let mut rotated_cluster_ca = false;
+    let mut rotated_enrollment_ca = false;
     let mut cas = Vec::new();
     for kind in CaKind::ALL {
         let (cert, key) = (pki_dir.join(kind.cert_file()), pki_dir.join(kind.key_file()));
@@ -272,6 +283,7 @@ pub fn init(state: &State, cluster: &Cluster, rotate: &[Rotate]) -> Result<InitR
                 let action = if exists { "rotated" } else { "created" };
                 report.step(action, format!("pki/{} ({}, {})", kind.cert_file(), alg.as_str(), ca.pin()));
                 rotated_cluster_ca |= kind == CaKind::Cluster && exists;
+                rotated_enrollment_ca |= kind == CaKind::Enrollment && exists;
                 ca
             }
         };
@@ -333,6 +345,19 @@ pub fn init(state: &State, cluster: &Cluster, rotate: &[Rotate]) -> Result<InitR
         report.step("kept", "admin.conf");
     }
 
+    let serve_admin_current = std::fs::read_to_string(state.serve_admin_cert())
+        .is_ok_and(|pem| leaf_is_current(&pem, &pki::serve_admin_spec(), now))
+        && state.serve_admin_key().exists();
+    if !serve_admin_current || rotated_enrollment_ca || rotate.contains(&Rotate::ServeAdmin) {
+        let enrollment_ca = cas.iter().find(|c| c.kind == CaKind::Enrollment).expect("enrollment CA");
+        let (cert, key) = enrollment_ca.issue_with_new_key(&pki::serve_admin_spec(), alg, cluster.pki.cert_validity)?;
+        state.write(&state.serve_admin_key(), key.as_bytes(), 0o600)?;
+        state.write(&state.serve_admin_cert(), cert.as_bytes(), 0o600)?;
+        report.step("issued", "pki/imgbuild-admin.crt (the operator's identity on imgbuild serve)");
+    } else {
+        report.step("kept", "pki/imgbuild-admin.crt");
+    }
+
     // --- tokens -------------------------------------------------------------------------------
     let mut tokens = state.tokens()?;
     if rotate.contains(&Rotate::JoinToken) {
@@ -360,6 +385,7 @@ pub fn init(state: &State, cluster: &Cluster, rotate: &[Rotate]) -> Result<InitR
                 groups,
                 description: "kubelet TLS bootstrap (imgbuild init)".into(),
                 role: None,
+                node: None,
                 max_uses: None,
             },
             now,
@@ -368,34 +394,48 @@ pub fn init(state: &State, cluster: &Cluster, rotate: &[Rotate]) -> Result<InitR
     } else {
         report.step("kept", format!("join token {}", tokens.join_token(now).expect("checked").id()));
     }
-    let mut roles: Vec<Role> = Role::ALL.into_iter().filter(|r| cluster.nodes_with(*r).next().is_some()).collect();
-    if cluster.enrollment.policy == EnrollPolicy::AutoWorker && !roles.contains(&Role::Worker) {
-        roles.push(Role::Worker);
-    }
-    for role in roles {
-        if let Some(t) = tokens.enrollment_token(role, now) {
-            report.step("kept", format!("{role} enrollment token {}", t.id()));
+    // Every inventory node: its own one-time credential, for its node payload.
+    for node in &cluster.nodes {
+        if let Some(t) = tokens.node_credential(&node.name, now) {
+            report.step("kept", format!("credential {} of {} {}", t.id(), node.role, node.name));
             continue;
         }
-        // Known machines only: one use per inventory node. Otherwise new machines may come.
-        let max_uses = match (cluster.enrollment.policy, role) {
-            (EnrollPolicy::KnownOnly, _) | (_, Role::Master | Role::Etcd) => {
-                Some(cluster.nodes_with(role).count() as u32)
-            }
-            _ => None,
-        };
         let t = tokens.create(
             NewToken {
                 ttl: Some(cluster.enrollment.enrollment_token_ttl),
                 usages: [TokenUsage::Enrollment].into_iter().collect(),
                 groups: vec![],
-                description: format!("{role} enrollment (imgbuild init)"),
-                role: Some(role),
-                max_uses,
+                description: format!("{} {} (imgbuild init)", node.role, node.name),
+                role: Some(node.role),
+                node: Some(node.name.clone()),
+                max_uses: Some(1),
             },
             now,
         )?;
-        report.step("created", format!("{role} enrollment token {}", t.id()));
+        report.step("created", format!("credential {} of {} {} (one machine, once)", t.id(), node.role, node.name));
+    }
+    // Workers: the worker token, for a role payload all workers may share (never a master's).
+    let workers = cluster.nodes_with(Role::Worker).count() as u32;
+    if workers > 0 || cluster.enrollment.policy == EnrollPolicy::AutoWorker {
+        match tokens.enrollment_token(Role::Worker, now) {
+            Some(t) => report.step("kept", format!("worker token {}", t.id())),
+            None => {
+                let t = tokens.create(
+                    NewToken {
+                        ttl: Some(cluster.enrollment.enrollment_token_ttl),
+                        usages: [TokenUsage::Enrollment].into_iter().collect(),
+                        groups: vec![],
+                        description: "worker enrollment (imgbuild init)".into(),
+                        role: Some(Role::Worker),
+                        node: None,
+                        // Under auto-worker, new machines come: the pod CIDR bounds them.
+                        max_uses: (cluster.enrollment.policy != EnrollPolicy::AutoWorker).then_some(workers),
+                    },
+                    now,
+                )?;
+                report.step("created", format!("worker token {}", t.id()));
+            }
+        }
     }
     tokens.save()?;
     state.render_kube_objects(cluster, &tokens, now)?;

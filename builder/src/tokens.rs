@@ -1,6 +1,7 @@
 //! Bootstrap tokens: Kubernetes join tokens (usages `authentication`, `signing`) and our
-//! enrollment tokens (usage `enrollment`, bound to a role), kept in `tokens.json` (0600) in the
-//! state dir. Use counts live with the enrollment server's store, not here.
+//! enrollment credentials (usage `enrollment`): a node's one-time credential, bound to one
+//! inventory node, and the worker token, bound to the worker role. Kept in `tokens.json` (0600)
+//! in the state dir. Use counts live with the enrollment server's store, not here.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -62,6 +63,9 @@ pub struct TokenRecord {
     /// Enrollment tokens: the role a machine enrolling with this token gets.
     #[serde(default)]
     pub role: Option<Role>,
+    /// A node's credential: the one inventory node it may enroll as (once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// Enrollment tokens: how many machines may enroll with it (`None`: no limit).
     #[serde(default)]
     pub max_uses: Option<u32>,
@@ -115,6 +119,8 @@ pub struct NewToken {
     pub groups: Vec<String>,
     pub description: String,
     pub role: Option<Role>,
+    /// A node's credential: the inventory node it is for.
+    pub node: Option<String>,
     pub max_uses: Option<u32>,
 }
 
@@ -185,8 +191,16 @@ impl TokenStore {
         if enrollment && req.role.is_none() {
             return invalid("an enrollment token needs --role (master, worker or etcd)".into());
         }
-        if !enrollment && (req.role.is_some() || req.max_uses.is_some()) {
-            return invalid("--role and --max-uses apply to enrollment tokens only".into());
+        if !enrollment && (req.role.is_some() || req.max_uses.is_some() || req.node.is_some()) {
+            return invalid("--role, --node and --max-uses apply to enrollment tokens only".into());
+        }
+        if enrollment && req.node.is_none() && req.role != Some(Role::Worker) {
+            return invalid(
+                "a role token enrolls workers only: a master or etcd member proves itself with its own credential (--node NAME) or the operator's approval".into(),
+            );
+        }
+        if req.node.is_some() && req.max_uses != Some(1) {
+            return invalid("a node's credential is good for one machine (--max-uses 1)".into());
         }
         if !req.groups.is_empty() && !req.usages.contains(&TokenUsage::Authentication) {
             return invalid("extra groups need the authentication usage".into());
@@ -209,6 +223,7 @@ impl TokenStore {
             usages: req.usages,
             groups: req.groups,
             role: req.role,
+            node: req.node,
             max_uses: req.max_uses,
             revoked: None,
         });
@@ -230,11 +245,19 @@ impl TokenStore {
         join_token(&self.records, now)
     }
 
-    /// The newest valid enrollment token for `role`.
+    /// The newest valid role token for `role` (node credentials excluded).
     pub fn enrollment_token(&self, role: Role, now: OffsetDateTime) -> Option<&TokenRecord> {
         self.records
             .iter()
-            .filter(|r| r.role == Some(role) && r.state(now) == TokenState::Valid)
+            .filter(|r| r.role == Some(role) && r.node.is_none() && r.state(now) == TokenState::Valid)
+            .max_by_key(|r| r.created)
+    }
+
+    /// The newest valid credential of inventory node `name`.
+    pub fn node_credential(&self, name: &str, now: OffsetDateTime) -> Option<&TokenRecord> {
+        self.records
+            .iter()
+            .filter(|r| r.node.as_deref() == Some(name) && r.state(now) == TokenState::Valid)
             .max_by_key(|r| r.created)
     }
 }
@@ -263,6 +286,7 @@ mod tests {
             groups: vec![],
             description: "t".into(),
             role: None,
+            node: None,
             max_uses: None,
         }
     }

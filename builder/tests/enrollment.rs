@@ -1,6 +1,6 @@
 //! Loopback integration of `imgbuild serve` and firstboot: the real server and the real agent
 //! (host and systemd effects recorded), end to end through enroll, config, sign and report, and
-//! every refusal a demanding operator would check.
+//! every refusal a demanding operator would check. What an attacker tries is in attacks.rs.
 
 mod support;
 
@@ -10,7 +10,6 @@ use std::time::Duration;
 use firstboot::agent::client::{Backoff, Client};
 use firstboot::agent::host::Recorder;
 use firstboot::agent::{Agent, AgentError, Options, Outcome};
-use imgbuild::serve::fleet::NodeStatus;
 use imgbuild::serve::{Backend, ServeOptions};
 use proto::Role;
 use proto::wire::*;
@@ -32,6 +31,7 @@ async fn start(st: &imgbuild::state::State) -> imgbuild::serve::Running {
         backend: Backend::Embedded,
         audit_file: true,
         boot: None,
+        limits: Default::default(),
     };
     imgbuild::serve::start(st, &o).await.unwrap()
 }
@@ -66,7 +66,11 @@ async fn six_nodes_enroll_get_certificates_and_report() {
 
     let mut tasks = Vec::new();
     for n in &cluster.nodes {
-        let boot = payload(&st, n.role, &url);
+        // Masters with their own credential; workers with the worker token.
+        let boot = match n.role {
+            Role::Master => node_payload(&st, &n.name, &url),
+            _ => payload(&st, n.role, &url),
+        };
         let (dir, name, mac) = (dir.path().to_path_buf(), n.name.clone(), n.mac.as_ref().unwrap().to_string());
         tasks.push(tokio::spawn(async move { (name.clone(), run_node(&dir, &name, &mac, &boot).await) }));
     }
@@ -83,6 +87,9 @@ async fn six_nodes_enroll_get_certificates_and_report() {
     let status: Vec<NodeStatus> = server.app.fleet.status().await.unwrap();
     assert_eq!(status.len(), 6);
     for s in &status {
+        let proof = if s.role == Role::Master { Proof::Credential } else { Proof::WorkerToken };
+        assert_eq!(s.proof, Some(proof), "{s:?}");
+        assert!(s.key.as_deref().is_some_and(|k| k.starts_with("sha256:")), "{s:?}");
         assert_eq!(s.phase, Some(Phase::Done), "{s:?}");
         assert_eq!(s.status, Some(PhaseStatus::Succeeded), "{s:?}");
         let want = if s.role == Role::Master { 12 } else { 2 };
@@ -134,6 +141,10 @@ async fn refusals() {
     let server = start(&st).await;
     let url = format!("https://127.0.0.1:{}", server.addr.port());
     let boot = |role| payload(&st, role, &url);
+    let refused = |e: AgentError| match e {
+        AgentError::Phase { error, .. } => error.code().to_string(),
+        other => panic!("{other}"),
+    };
 
     // A server under another CA: fails closed, naming the pins.
     let mut wrong = boot(Role::Worker);
@@ -142,15 +153,17 @@ async fn refusals() {
     let e = r.unwrap_err().to_string();
     assert!(e.contains("not under the pinned CA sha256:0000"), "{e}");
 
-    // A machine not in the inventory (policy known-only).
+    // A machine not in the inventory (policy known-only), and the worker token on a master's
+    // machine: refused, without saying why to the machine (the audit log says).
     let (r, _) = run_node(dir.path(), "stranger", "52:54:00:99:99:99", &boot(Role::Worker)).await;
-    assert!(r.unwrap_err().to_string().contains("not in the inventory"));
-
-    // A worker token on a master's machine.
+    assert_eq!(refused(r.unwrap_err()), "refused");
     let (r, _) = run_node(dir.path(), "m1-as-worker", "52:54:00:03:01:11", &boot(Role::Worker)).await;
-    assert!(r.unwrap_err().to_string().contains("the token is for role worker"));
+    let e = r.unwrap_err();
+    assert!(!e.to_string().contains("k8s-master1"), "the refusal names the inventory: {e}");
+    assert_eq!(refused(e), "refused");
 
-    // worker1 enrolls; a second machine (another UUID, same MAC) claiming it is refused.
+    // worker1 enrolls; a second machine (another UUID, same MAC) claiming it is refused, and the
+    // attempt is a conflict on the node for the operator to see.
     let (r, _) = run_node(dir.path(), "w1", "52:54:00:03:01:21", &boot(Role::Worker)).await;
     assert!(r.is_ok(), "{r:?}");
     let impostor = node_root(&dir.path().join("impostor"), "52:54:00:03:01:21");
@@ -159,18 +172,20 @@ async fn refusals() {
     let cfg = impostor.join("payload.json");
     std::fs::write(&cfg, serde_json::to_string(&boot(Role::Worker)).unwrap()).unwrap();
     let mut agent = Agent::new(opts(&impostor, &cfg), Recorder::default(), Recorder::default()).unwrap();
-    let e = agent.run().await.unwrap_err().to_string();
-    assert!(e.contains("already bound to another machine"), "{e}");
+    assert_eq!(refused(agent.run().await.unwrap_err()), "refused");
+    let w1 = server.app.fleet.node("k8s-worker1").await.unwrap().unwrap();
+    assert_eq!(w1.conflicts.len(), 1, "{:?}", w1.conflicts);
+    assert_eq!(w1.conflicts[0].machine, "uuid:4c4c4544-0042-3510-8052-b4c04f4d4e31");
 
-    // Revoked and exhausted tokens.
+    // A revoked node credential, and a spent one-use worker token.
     let mut tokens = st.tokens().unwrap();
     let now = time::OffsetDateTime::now_utc();
-    let master_token = tokens.enrollment_token(Role::Master, now).unwrap().id().to_string();
-    let master_boot = boot(Role::Master);
-    tokens.revoke(&master_token, now).unwrap();
+    let m1_boot = node_payload(&st, "k8s-master1", &url);
+    let m1_token = tokens.node_credential("k8s-master1", now).unwrap().id().to_string();
+    tokens.revoke(&m1_token, now).unwrap();
     tokens.save().unwrap();
-    let (r, _) = run_node(dir.path(), "m1", "52:54:00:03:01:11", &master_boot).await;
-    assert!(r.unwrap_err().to_string().contains("was revoked"));
+    let (r, _) = run_node(dir.path(), "m1", "52:54:00:03:01:11", &m1_boot).await;
+    assert_eq!(refused(r.unwrap_err()), "token-revoked");
     let t = tokens
         .create(
             imgbuild::tokens::NewToken {
@@ -179,6 +194,7 @@ async fn refusals() {
                 groups: vec![],
                 description: "one".into(),
                 role: Some(Role::Worker),
+                node: None,
                 max_uses: Some(1),
             },
             now,
@@ -188,19 +204,17 @@ async fn refusals() {
         .clone();
     tokens.save().unwrap();
     let mut one = boot(Role::Worker);
-    one.token = t;
+    one.token = Some(t);
     let (r, _) = run_node(dir.path(), "w2", "52:54:00:03:01:22", &one).await;
     assert!(r.is_ok(), "{r:?}");
     let (r, _) = run_node(dir.path(), "w3", "52:54:00:03:01:23", &one).await;
-    assert!(r.unwrap_err().to_string().contains("its limit"));
+    assert_eq!(refused(r.unwrap_err()), "token-exhausted");
 
     // A worker asking for a control-plane certificate, and for a foreign name.
     let w1 = dir.path().join("w1");
     let client = enrolled_client(&w1, &url, &st);
     let key = rcgen::KeyPair::generate().unwrap();
-    let mut p = rcgen::CertificateParams::default();
-    p.distinguished_name = rcgen::DistinguishedName::new();
-    let csr = p.serialize_request(&key).unwrap().pem().unwrap();
+    let csr = firstboot::agent::csr(&key, None).unwrap();
     let e = client
         .post::<_, SignResponse>(
             PATH_SIGN,
@@ -233,96 +247,41 @@ async fn refusals() {
     assert_eq!(e.code(), Some(ErrorCode::NotEnrolled));
 
     // Failed attempts from one source are rate-limited.
-    let mut bad = boot(Role::Worker);
-    bad.token = "zzzzzz.zzzzzzzzzzzzzzzz".parse().unwrap();
-    let bad_req = EnrollRequest {
-        protocol: PROTOCOL_VERSION,
-        token: bad.token.clone(),
-        identity: MachineIdentity { uuid: None, serial: None, macs: vec!["52:54:00:03:01:21".into()] },
-        image: None,
-        csr,
-    };
+    let bad: proto::BootstrapToken = "zzzzzz.zzzzzzzzzzzzzzzz".parse().unwrap();
     let mut codes = Vec::new();
     for _ in 0..30 {
-        let code = anon.post::<_, EnrollResponse>(PATH_ENROLL, &bad_req).await.unwrap_err().code();
+        let mut conn = RawTls::open(server.addr, st.ca(imgbuild::pki::CaKind::Cluster).unwrap().pin(), None).await;
+        let (_, body) = conn.enroll(Some(&bad), &["52:54:00:03:01:21"], &key, None).await;
+        let code = serde_json::from_str::<ErrorBody>(&body).unwrap().code;
         codes.push(code);
-        if code == Some(ErrorCode::RateLimited) {
+        if code == ErrorCode::RateLimited {
             break;
         }
     }
     // 20 failures per minute are allowed from one source; the five enrollment refusals above
-    // count too. Then 429.
-    assert_eq!(codes.iter().filter(|c| **c == Some(ErrorCode::InvalidToken)).count(), 15, "{codes:?}");
-    assert_eq!(codes.last(), Some(&Some(ErrorCode::RateLimited)), "{codes:?}");
+    // count too (the wrong pin never reached the server). Then 429.
+    assert_eq!(codes.iter().filter(|c| **c == ErrorCode::InvalidToken).count(), 15, "{codes:?}");
+    assert_eq!(codes.last(), Some(&ErrorCode::RateLimited), "{codes:?}");
 
     let audit = std::fs::read_to_string(st.root.join("audit.log")).unwrap();
-    for code in [
-        "UnknownMachine",
-        "TokenRole",
-        "IdentityConflict",
-        "TokenRevoked",
-        "TokenExhausted",
-        "CsrRefused",
-        "InvalidToken",
+    for want in [
+        "\"code\":\"refused\"",
+        "not in the inventory and the policy is known-only",
+        "inventory master k8s-master1",
+        "\"event\":\"conflict\"",
+        "\"code\":\"token-revoked\"",
+        "\"code\":\"token-exhausted\"",
+        "\"code\":\"csr-refused\"",
+        "\"code\":\"invalid-token\"",
     ] {
-        assert!(audit.contains(code), "audit log lacks a refusal {code}");
+        assert!(audit.contains(want), "audit log lacks {want}");
     }
     server.shutdown().await;
 }
 
-/// One TLS connection, HTTP/1.1 requests on it one after another: a reqwest client may open a
-/// second connection when a request follows a response at once (its pool takes the first one
-/// back asynchronously), and these checks are about one connection.
-struct OneConnection(tokio_rustls::client::TlsStream<tokio::net::TcpStream>);
-
-impl OneConnection {
-    async fn open(addr: std::net::SocketAddr, pin: proto::pin::CaPin) -> Self {
-        let cfg = proto::tls::pinned_client_config(pin, Default::default()).unwrap();
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-        OneConnection(tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap())
-    }
-
-    /// Status and body of one request.
-    async fn call(&mut self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        );
-        self.0.write_all(&[head.as_bytes(), body].concat()).await.unwrap();
-        self.0.flush().await.unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            head.push(self.0.read_u8().await.unwrap());
-        }
-        let head = String::from_utf8(head).unwrap();
-        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-        let len = head
-            .lines()
-            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
-            .unwrap_or(0);
-        let mut body = vec![0u8; len];
-        self.0.read_exact(&mut body).await.unwrap();
-        (status, String::from_utf8(body).unwrap())
-    }
-
-    async fn enroll(&mut self, req: &EnrollRequest) -> EnrollResponse {
-        let (status, body) = self.call("POST", PATH_ENROLL, &serde_json::to_vec(req).unwrap()).await;
-        assert_eq!(status, 200, "{body}");
-        serde_json::from_str(&body).unwrap()
-    }
-
-    async fn config(&mut self) -> Result<NodeConfig, ErrorBody> {
-        match self.call("GET", PATH_CONFIG, b"").await {
-            (200, body) => Ok(serde_json::from_str(&body).unwrap()),
-            (_, body) => Err(serde_json::from_str(&body).unwrap()),
-        }
-    }
-}
-
 /// The connection a machine enrolled on speaks for its node, and only that connection, and only
-/// while the node holds the key it enrolled with.
+/// while the node is bound to the key it enrolled with. A new key for a bound node is refused
+/// until the operator resets the node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_enrolled_connection_speaks_for_its_node() {
     let dir = tempfile::tempdir().unwrap();
@@ -330,38 +289,42 @@ async fn an_enrolled_connection_speaks_for_its_node() {
     let server = start(&st).await;
     let url = format!("https://127.0.0.1:{}", server.addr.port());
     let pin = st.ca(imgbuild::pki::CaKind::Cluster).unwrap().pin();
-    let token = payload(&st, Role::Worker, &url).token;
-    let enroll = |token: &proto::BootstrapToken| EnrollRequest {
-        protocol: PROTOCOL_VERSION,
-        token: token.clone(),
-        identity: MachineIdentity { uuid: None, serial: None, macs: vec!["52:54:00:03:01:21".into()] },
-        image: None,
-        csr: sim::Prepared::new().csr,
+    let token = payload(&st, Role::Worker, &url).token.unwrap();
+    let config = async |c: &mut RawTls| match c.call("GET", PATH_CONFIG, b"").await {
+        (200, body) => Ok(serde_json::from_str::<NodeConfig>(&body).unwrap()),
+        (_, body) => Err(serde_json::from_str::<ErrorBody>(&body).unwrap()),
     };
+    let w1 = ["52:54:00:03:01:21"];
 
     // A failed enrollment binds nothing.
-    let mut stranger = OneConnection::open(server.addr, pin).await;
+    let mut stranger = RawTls::open(server.addr, pin, None).await;
     let bad: proto::BootstrapToken = "zzzzzz.zzzzzzzzzzzzzzzz".parse().unwrap();
-    let (status, _) = stranger.call("POST", PATH_ENROLL, &serde_json::to_vec(&enroll(&bad)).unwrap()).await;
+    let (status, _) = stranger.enroll(Some(&bad), &w1, &rcgen::KeyPair::generate().unwrap(), None).await;
     assert_eq!(status, 401);
-    assert_eq!(stranger.config().await.unwrap_err().code, ErrorCode::NotEnrolled);
+    assert_eq!(config(&mut stranger).await.unwrap_err().code, ErrorCode::NotEnrolled);
 
     // Enrolled without showing a certificate: this connection is k8s-worker1's.
-    let mut first = OneConnection::open(server.addr, pin).await;
-    assert_eq!(first.enroll(&enroll(&token)).await.node.unwrap().name, "k8s-worker1");
-    assert_eq!(first.config().await.unwrap().node.name, "k8s-worker1");
+    let mut first = RawTls::open(server.addr, pin, None).await;
+    let (status, body) = first.enroll(Some(&token), &w1, &rcgen::KeyPair::generate().unwrap(), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(config(&mut first).await.unwrap().node.name, "k8s-worker1");
     // Another connection without the certificate is nobody.
-    let nobody = OneConnection::open(server.addr, pin).await.config().await.unwrap_err();
-    assert_eq!(nobody.code, ErrorCode::NotEnrolled);
+    assert_eq!(config(&mut RawTls::open(server.addr, pin, None).await).await.unwrap_err().code, ErrorCode::NotEnrolled);
 
-    // The machine enrolls again with a new key (a reinstall): the first connection, bound to the
-    // old key, no longer speaks for k8s-worker1; the new one does.
-    let mut second = OneConnection::open(server.addr, pin).await;
-    second.enroll(&enroll(&token)).await;
-    let e = first.config().await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::NotEnrolled);
-    assert!(e.error.contains("superseded"), "{}", e.error);
-    assert_eq!(second.config().await.unwrap().node.name, "k8s-worker1");
+    // The machine comes again with a new key (a reinstall, or someone else): refused, and the
+    // node stays with the key it has.
+    let mut second = RawTls::open(server.addr, pin, None).await;
+    let (status, body) = second.enroll(Some(&token), &w1, &rcgen::KeyPair::generate().unwrap(), None).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(config(&mut first).await.unwrap().node.name, "k8s-worker1");
+
+    // The operator resets the node: the old connection speaks for nobody, a new enrollment binds.
+    server.app.fleet.reset("k8s-worker1").await.unwrap();
+    assert_eq!(config(&mut first).await.unwrap_err().code, ErrorCode::NotEnrolled);
+    let mut third = RawTls::open(server.addr, pin, None).await;
+    let (status, body) = third.enroll(Some(&token), &w1, &rcgen::KeyPair::generate().unwrap(), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(config(&mut third).await.unwrap().node.name, "k8s-worker1");
     server.shutdown().await;
 }
 
@@ -381,19 +344,32 @@ fn enrolled_client(root: &Path, url: &str, st: &imgbuild::state::State) -> Clien
     c
 }
 
+/// TLS 1.3 and HTTP/1.1 only: the channel binding is the TLS 1.3 exporter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_speaks_http2_and_http1() {
+async fn tls_1_3_and_http_1_1_only() {
     let dir = tempfile::tempdir().unwrap();
     let (st, _) = state_with(dir.path(), |t| t);
     let server = start(&st).await;
     let ca = std::fs::read_to_string(st.pki_dir().join("ca.crt")).unwrap();
-    for (alpn, want) in [(&b"h2"[..], reqwest::Version::HTTP_2), (&b"http/1.1"[..], reqwest::Version::HTTP_11)] {
-        let mut tls = proto::tls::client_config(&ca, None).unwrap();
-        tls.alpn_protocols = vec![alpn.to_vec()];
-        let http = reqwest::Client::builder().tls_backend_preconfigured(tls).build().unwrap();
-        let r = http.get(format!("https://127.0.0.1:{}{PATH_HEALTH}", server.addr.port())).send().await.unwrap();
-        assert_eq!(r.version(), want);
-        assert_eq!(r.text().await.unwrap(), "ok");
-    }
+    let url = format!("https://127.0.0.1:{}{PATH_HEALTH}", server.addr.port());
+    let client = |tls: rustls::ClientConfig| reqwest::Client::builder().tls_backend_preconfigured(tls).build().unwrap();
+    let tls = proto::tls::client_config(&ca, None).unwrap();
+    let r = client(tls).get(&url).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+    assert_eq!(r.text().await.unwrap(), "ok");
+    // A TLS 1.2 client gets no connection.
+    let roots = {
+        let mut r = rustls::RootCertStore::empty();
+        for c in proto::tls::certs_from_pem(&ca, "ca").unwrap() {
+            r.add(c).unwrap();
+        }
+        r
+    };
+    let tls12 = rustls::ClientConfig::builder_with_provider(proto::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    assert!(client(tls12).get(&url).send().await.is_err(), "a TLS 1.2 handshake succeeded");
     server.shutdown().await;
 }

@@ -63,7 +63,12 @@ async fn two_replicas_never_assign_one_node_twice() {
     let sims: Vec<Arc<Sim>> = [&a, &b]
         .iter()
         .map(|s| {
-            Arc::new(Sim { servers: vec![s.url.clone()], pin, token: token.clone(), deadline: Duration::from_secs(30) })
+            Arc::new(Sim {
+                servers: vec![s.url.clone()],
+                pin,
+                token: Some(token.clone()),
+                deadline: Duration::from_secs(30),
+            })
         })
         .collect();
 
@@ -103,7 +108,7 @@ async fn two_replicas_never_assign_one_node_twice() {
         let claims: Vec<_> = (0..2).map(|k| results[&format!("{}/{k}", n.name)].clone()).collect();
         let winners = claims.iter().filter(|c| c.as_deref() == Ok(n.name.as_str())).count();
         assert_eq!(winners, 1, "{}: {claims:?}", n.name);
-        assert!(claims.contains(&Err(Some(ErrorCode::IdentityConflict))), "{}: {claims:?}", n.name);
+        assert!(claims.contains(&Err(Some(ErrorCode::Refused))), "{}: {claims:?}", n.name);
     }
 
     // The source of truth, read straight from etcd.
@@ -117,7 +122,7 @@ async fn two_replicas_never_assign_one_node_twice() {
         })
         .unwrap(),
     );
-    let nodes: Vec<imgbuild::serve::fleet::NodeRecord> = store
+    let nodes: Vec<imgbuild::serve::fleet::records::NodeRecord> = store
         .list("nodes/")
         .await
         .unwrap()

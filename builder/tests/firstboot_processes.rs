@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use imgbuild::serve::fleet::NodeStatus;
+use proto::wire::NodeStatus;
 use proto::wire::{CertPurpose, Phase, PhaseStatus};
 use support::*;
 
@@ -97,7 +97,7 @@ fn scenario(node: &str) -> Scenario {
     let n = cluster.node(node).unwrap();
     let root = node_root(&dir.path().join("node"), n.mac.as_ref().unwrap().as_str());
     let file = root.join("payload.json");
-    std::fs::write(&file, serde_json::to_string(&payload(&st, n.role, &serve.url)).unwrap()).unwrap();
+    std::fs::write(&file, serde_json::to_string(&node_payload(&st, &n.name, &serve.url)).unwrap()).unwrap();
     Scenario { _dir: dir, serve, root, payload: file }
 }
 
@@ -194,7 +194,7 @@ fn firstboot_processes_in_their_own_network_namespaces() {
         .iter()
         .map(|(n, netns, _, root)| {
             let file = root.join("payload.json");
-            std::fs::write(&file, serde_json::to_string(&payload(&st, n.role, &serve.url)).unwrap()).unwrap();
+            std::fs::write(&file, serde_json::to_string(&node_payload(&st, &n.name, &serve.url)).unwrap()).unwrap();
             let (root, netns) = (root.clone(), netns.clone());
             std::thread::spawn(move || run_firstboot(&root, &file, None, Some(&netns)))
         })

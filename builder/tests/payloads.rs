@@ -21,7 +21,7 @@ fn fixed(cluster: &Cluster, target: &Target<'_>) -> BootConfig {
         version: BOOT_CONFIG_VERSION,
         servers: cluster.enrollment.servers.iter().map(ToString::to_string).collect(),
         ca_pin: format!("sha256:{}", "5e".repeat(32)).parse().unwrap(),
-        token: "abcdef.0123456789abcdef".parse().unwrap(),
+        token: Some("abcdef.0123456789abcdef".parse().unwrap()),
         role: target.role,
         network: target.node.map(|n| proto::bootcfg::StaticNetwork {
             interface: None,
@@ -83,7 +83,8 @@ fn golden_payloads_and_their_consumers() {
         let ipxe = payload::ipxe(&cfg, &cluster, &target, "http://192.168.3.100:8080/boot/worker");
         golden(&format!("payload/{label}.ipxe"), &ipxe);
         assert!(ipxe.contains(&format!("firstboot.pin={}", cfg.ca_pin)));
-        assert!(!ipxe.contains(&cfg.token.expose()), "the iPXE script carries the payload's location, not its token");
+        let token = cfg.token.as_ref().unwrap().expose();
+        assert!(!ipxe.contains(&token), "the iPXE script carries the payload's location, not its credential");
     }
     // The OVA declares the same vApp properties the guestinfo payload sets.
     let ovf = imgbuild::templates::render("ova.ovf", serde_json::json!({"name": "n", "role": "worker", "image": "i", "description": "d", "vmdk": "d.vmdk", "vmdk_size": 1, "capacity": 2, "guest_os": "g", "cpus": 2, "memory_mib": 2048})).unwrap();
@@ -220,6 +221,7 @@ async fn pxe_scripts_files_and_a_payload_fetched_from_the_kernel_command_line() 
         backend: Backend::Embedded,
         audit_file: false,
         boot: Some(("127.0.0.1:0".parse().unwrap(), boot.clone())),
+        limits: Default::default(),
     };
     let server = imgbuild::serve::start(&st, &o).await.unwrap();
     let http = format!("http://{}", server.boot_addr.unwrap());
@@ -260,10 +262,16 @@ async fn pxe_scripts_files_and_a_payload_fetched_from_the_kernel_command_line() 
     let r = agent.run().await;
     let rec = agent.record();
     let bc = rec.boot_config.clone().expect("identify read the payload");
-    assert_eq!(
-        bc,
-        payload::boot_config(&st, &cluster, &Target { role: Role::Worker, node: cluster.node("k8s-worker2") }).unwrap()
-    );
+    // What anyone may fetch: the node's payload without its credential.
+    let target = Target { role: Role::Worker, node: cluster.node("k8s-worker2") };
+    assert_eq!(bc, payload::open_config(&st, &cluster, &target).unwrap());
+    assert!(bc.token.is_none(), "the open endpoint served a credential");
+    for script in [&script, &role_script] {
+        let tokens = st.tokens().unwrap();
+        for t in &tokens.records {
+            assert!(!script.contains(&t.token.expose()), "an iPXE script carries a credential");
+        }
+    }
     assert!(
         agent.systemd.effects.contains(&"systemctl restart systemd-networkd.service".to_string()),
         "static address not applied: {:?}",

@@ -25,7 +25,7 @@ async fn kill_9_loses_no_acknowledged_enrollment_or_report() {
     let sim = Arc::new(Sim {
         servers: vec![serve.url.clone()],
         pin: st.ca(imgbuild::pki::CaKind::Cluster).unwrap().pin(),
-        token: st.tokens().unwrap().enrollment_token(Role::Worker, now).unwrap().token.clone(),
+        token: Some(st.tokens().unwrap().enrollment_token(Role::Worker, now).unwrap().token.clone()),
         deadline: Duration::from_secs(2),
     });
     /// machine MAC -> (node, last acknowledged report)

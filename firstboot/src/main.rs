@@ -9,7 +9,6 @@ use clap::Parser;
 use firstboot::agent::host::{RealHost, Recorder};
 use firstboot::agent::systemd::Dbus;
 use firstboot::agent::{Agent, Options, Outcome};
-use proto::wire::Phase;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -85,9 +84,7 @@ fn main() -> ExitCode {
             let rec = || Recorder { effects: vec![], log: Some(log.clone()) };
             Agent::new(opts, rec(), rec())?.run().await
         } else {
-            let systemd = Dbus::connect()
-                .await
-                .map_err(|e| firstboot::agent::AgentError::Phase { phase: Phase::Identify, message: e.to_string() })?;
+            let systemd = Dbus::connect().await?;
             Agent::new(opts, RealHost { root: cli.root.clone() }, systemd)?.run().await
         }
     });

@@ -4,7 +4,7 @@
 //! [`crate::paths::BOOT_CONFIG`], VMware guestinfo carries those payloads, and PXE passes it on the
 //! kernel command line, either inline (`firstboot.server=… firstboot.pin=… firstboot.token=…
 //! firstboot.role=…`) or as a location to fetch it from (`firstboot.config=URL firstboot.pin=…`).
-//! It holds no private key: a token and public data only.
+//! It holds no private key: public data, and at most one machine's own credential (a token).
 
 use std::net::IpAddr;
 
@@ -25,8 +25,10 @@ pub struct BootConfig {
     pub servers: Vec<String>,
     /// The pin of the CA that signed the enrollment server's certificate.
     pub ca_pin: CaPin,
-    /// The role's enrollment token.
-    pub token: BootstrapToken,
+    /// The machine's credential: its node's one-time credential, or the worker token. None in
+    /// what the server hands out openly: such a machine waits for the operator's approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<BootstrapToken>,
     /// The role this payload was made for.
     pub role: Role,
     /// Static address for the first NIC, where there is no DHCP.
@@ -71,12 +73,12 @@ pub enum CmdlineError {
 impl BootConfig {
     /// The inline kernel-command-line form (PXE). Values contain no spaces by construction.
     pub fn to_cmdline(&self) -> String {
-        let mut args = vec![
-            format!("firstboot.server={}", self.servers.join(",")),
-            format!("firstboot.pin={}", self.ca_pin),
-            format!("firstboot.token={}", self.token.expose()),
-            format!("firstboot.role={}", self.role),
-        ];
+        let mut args =
+            vec![format!("firstboot.server={}", self.servers.join(",")), format!("firstboot.pin={}", self.ca_pin)];
+        if let Some(t) = &self.token {
+            args.push(format!("firstboot.token={}", t.expose()));
+        }
+        args.push(format!("firstboot.role={}", self.role));
         if let Some(n) = &self.network {
             args.push(format!("firstboot.ip={}", n.address));
             if let Some(gw) = n.gateway {
@@ -120,9 +122,8 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Option<CmdlineConfig>, CmdlineErro
     };
     let needed = "firstboot.server";
     let token = get("token")
-        .ok_or(CmdlineError::Missing("token", needed))?
-        .parse()
-        .map_err(|e: crate::token::InvalidToken| invalid("token", e.to_string()))?;
+        .map(|t| t.parse().map_err(|e: crate::token::InvalidToken| invalid("token", e.to_string())))
+        .transpose()?;
     let role = get("role")
         .ok_or(CmdlineError::Missing("role", needed))?
         .parse()
@@ -165,7 +166,7 @@ mod tests {
             version: BOOT_CONFIG_VERSION,
             servers: vec!["https://192.168.3.10:9443".into(), "https://192.168.3.11:9443".into()],
             ca_pin: format!("sha256:{}", "ab".repeat(32)).parse().unwrap(),
-            token: "abcdef.0123456789abcdef".parse().unwrap(),
+            token: Some("abcdef.0123456789abcdef".parse().unwrap()),
             role: Role::Worker,
             network: Some(StaticNetwork {
                 interface: None,

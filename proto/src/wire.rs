@@ -1,8 +1,11 @@
 //! The enrollment protocol between `imgbuild serve` and `firstboot`: versioned JSON over HTTPS.
 //!
-//! 1. `POST /v1/enroll` with the role's token, the machine's identity and a CSR for a key the node
-//!    made: the server binds the machine to a node and returns a client certificate. The token is
-//!    spent; everything after authenticates with that certificate.
+//! 1. `POST /v1/enroll` with the machine's identity, a CSR for a key the node made, and its
+//!    credential if it has one (a one-time credential for its inventory entry, or the worker
+//!    token): the server binds the machine to a node and returns a client certificate, or queues
+//!    it for the operator's approval. The CSR carries the connection's TLS exporter value
+//!    ([`CHANNEL_BINDING_LABEL`], RFC 9266) in its challengePassword attribute, so it proves
+//!    possession of the key on this connection and is worthless on any other.
 //! 2. `GET /v1/config`: the node's role config (files with modes, units, host settings, which
 //!    certificates to request, how to join).
 //! 3. `POST /v1/sign` with CSRs for the keys the node generated: certificates whose subject, SANs,
@@ -10,8 +13,9 @@
 //! 4. `POST /v1/report` after every phase; `POST /v1/bootstrap-lease` lets one master apply the
 //!    cluster objects.
 //!
-//! Errors are an HTTP status with an [`ErrorBody`]. Every type here is used by both sides; change
-//! them together with [`PROTOCOL_VERSION`].
+//! The operator's calls (`/v1/nodes/...`) need the admin identity of the state dir. Errors are
+//! an HTTP status with an [`ErrorBody`]. Every type here is used by both sides; change them
+//! together with [`PROTOCOL_VERSION`].
 
 use std::collections::BTreeMap;
 
@@ -23,15 +27,60 @@ use crate::pin::CaPin;
 use crate::role::Role;
 use crate::token::BootstrapToken;
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: the credential is optional (approval), the CSR is bound to the connection.
+pub const PROTOCOL_VERSION: u32 = 2;
 pub const PATH_ENROLL: &str = "/v1/enroll";
 pub const PATH_CONFIG: &str = "/v1/config";
 pub const PATH_SIGN: &str = "/v1/sign";
 pub const PATH_REPORT: &str = "/v1/report";
 pub const PATH_BOOTSTRAP_LEASE: &str = "/v1/bootstrap-lease";
 pub const PATH_HEALTH: &str = "/healthz";
+pub const PATH_METRICS: &str = "/metrics";
+/// The operator's calls.
+pub const PATH_NODES: &str = "/v1/nodes";
+pub const PATH_NODES_APPROVE: &str = "/v1/nodes/approve";
+pub const PATH_NODES_RESET: &str = "/v1/nodes/reset";
+pub const PATH_NODES_REVOKE: &str = "/v1/nodes/revoke";
+/// Open (no credential): what a machine needs to find and pin the server, never a secret.
+pub const PATH_PAYLOAD_ROLE: &str = "/v1/payload/role/{role}";
+pub const PATH_PAYLOAD_NODE: &str = "/v1/payload/node/{name}";
 
-/// Who a machine is, as firstboot found out from DMI, NICs and the kernel command line.
+/// The open payload URL of a role (`/v1/payload/role/worker`).
+pub fn payload_role_path(role: Role) -> String {
+    PATH_PAYLOAD_ROLE.replace("{role}", role.as_str())
+}
+
+/// The open payload URL of an inventory node.
+pub fn payload_node_path(name: &str) -> String {
+    PATH_PAYLOAD_NODE.replace("{name}", name)
+}
+
+/// RFC 9266 tls-exporter channel binding: the exporter label, and its length in bytes (empty
+/// context). Its base64 goes into the enrollment CSR's challengePassword attribute, as EST
+/// (RFC 7030 section 3.5) puts tls-unique there.
+pub const CHANNEL_BINDING_LABEL: &[u8] = b"EXPORTER-Channel-Binding";
+pub const CHANNEL_BINDING_LEN: usize = 32;
+
+/// The challengePassword text of a channel binding value.
+pub fn channel_binding_text(exporter: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(exporter)
+}
+
+/// Limits both sides keep: a server refuses more; a client never sends more.
+pub mod limits {
+    /// MAC addresses in one identity.
+    pub const MACS: usize = 16;
+    /// Characters of an SMBIOS UUID or serial number.
+    pub const IDENTITY_FIELD: usize = 64;
+    /// Bytes of a report's message.
+    pub const REPORT_MESSAGE: usize = 4096;
+    /// Bytes of a request body.
+    pub const BODY: usize = 64 * 1024;
+}
+
+/// Who a machine is, as firstboot found out from DMI, NICs and the kernel command line. What a
+/// machine says about itself: it selects an inventory entry, it proves nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MachineIdentity {
@@ -46,6 +95,28 @@ pub struct MachineIdentity {
     pub macs: Vec<String>,
 }
 
+/// Why an identity is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("the identity has neither an SMBIOS UUID nor a MAC address")]
+    Empty,
+    #[error("the identity has {0} MAC addresses (at most {max})", max = limits::MACS)]
+    TooManyMacs(usize),
+    #[error("'{0}' is not a MAC address (six hex pairs separated by ':' or '-')")]
+    Mac(String),
+    #[error("the SMBIOS {field} is over {max} characters or not printable", max = limits::IDENTITY_FIELD)]
+    Field { field: &'static str },
+}
+
+/// A MAC in the one form identities and inventories use: lowercase, colon-separated.
+pub fn normalize_mac(mac: &str) -> Option<String> {
+    let m = mac.trim().to_ascii_lowercase().replace('-', ":");
+    let ok = m.len() == 17
+        && m.split(':').count() == 6
+        && m.split(':').all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+    ok.then_some(m)
+}
+
 impl MachineIdentity {
     /// The key a machine is bound by: its SMBIOS UUID, or its sorted MACs when it has none.
     pub fn key(&self) -> String {
@@ -57,6 +128,36 @@ impl MachineIdentity {
 
     pub fn is_empty(&self) -> bool {
         self.uuid.is_none() && self.macs.is_empty()
+    }
+
+    /// The one form both sides compare: UUID lowercased, MACs lowercased with ':', sorted and
+    /// de-duplicated, empty fields dropped; and within [`limits`].
+    pub fn normalized(&self) -> Result<MachineIdentity, IdentityError> {
+        let field = |v: &Option<String>, name: &'static str, lower: bool| -> Result<Option<String>, IdentityError> {
+            let Some(v) = v.as_deref().map(str::trim).filter(|v| !v.is_empty()) else { return Ok(None) };
+            if v.chars().count() > limits::IDENTITY_FIELD || v.chars().any(|c| c.is_control()) {
+                return Err(IdentityError::Field { field: name });
+            }
+            Ok(Some(if lower { v.to_ascii_lowercase() } else { v.to_string() }))
+        };
+        if self.macs.len() > limits::MACS {
+            return Err(IdentityError::TooManyMacs(self.macs.len()));
+        }
+        let mut macs = Vec::with_capacity(self.macs.len());
+        for m in self.macs.iter().filter(|m| !m.trim().is_empty()) {
+            macs.push(normalize_mac(m).ok_or_else(|| IdentityError::Mac(m.chars().take(40).collect()))?);
+        }
+        macs.sort();
+        macs.dedup();
+        let id = MachineIdentity {
+            uuid: field(&self.uuid, "UUID", true)?,
+            serial: field(&self.serial, "serial", false)?,
+            macs,
+        };
+        if id.is_empty() {
+            return Err(IdentityError::Empty);
+        }
+        Ok(id)
     }
 }
 
@@ -78,11 +179,15 @@ pub struct ImageInfo {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct EnrollRequest {
     pub protocol: u32,
-    pub token: BootstrapToken,
+    /// The machine's credential: its own one-time credential, or the worker token. Without one
+    /// the machine waits for the operator's approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<BootstrapToken>,
     pub identity: MachineIdentity,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageInfo>,
-    /// PEM CSR for the node's enrollment key; the server returns a client certificate for it.
+    /// PEM CSR for the node's enrollment key, bound to this connection (see the module docs);
+    /// the server returns a client certificate for it.
     pub csr: String,
 }
 
@@ -91,7 +196,7 @@ pub struct EnrollRequest {
 pub enum EnrollStatus {
     /// Bound to a node; `node` and `client_cert` are set.
     Enrolled,
-    /// Unknown machine queued for `imgbuild nodes approve`; ask again later.
+    /// Waits for `imgbuild nodes approve`; ask again later, with the same key.
     Pending,
 }
 
@@ -424,7 +529,11 @@ impl PhaseStatus {
 pub struct Report {
     pub phase: Phase,
     pub status: PhaseStatus,
+    /// At most [`limits::REPORT_MESSAGE`] bytes.
     pub message: String,
+    /// A failure's stable code (firstboot's `PhaseError::code`), for counting and matching.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub started_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -470,12 +579,16 @@ pub enum ErrorCode {
     InvalidToken,
     TokenExpired,
     TokenRevoked,
-    TokenRole,
     TokenExhausted,
-    UnknownMachine,
-    IdentityConflict,
+    /// This machine may not enroll this way. Deliberately unspecific (the inventory is not for
+    /// whoever asks); the operator sees the reason in `imgbuild nodes` and the audit log.
+    Refused,
     NotEnrolled,
+    /// The node's enrollment was revoked by the operator.
+    Revoked,
     CsrRefused,
+    /// The request or a field of it is over a [`limits`] value.
+    TooLarge,
     RateLimited,
     Internal,
 }
@@ -485,6 +598,24 @@ impl ErrorCode {
     pub fn is_transient(self) -> bool {
         matches!(self, ErrorCode::RateLimited | ErrorCode::Internal)
     }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad-request",
+            ErrorCode::UnsupportedProtocol => "unsupported-protocol",
+            ErrorCode::InvalidToken => "invalid-token",
+            ErrorCode::TokenExpired => "token-expired",
+            ErrorCode::TokenRevoked => "token-revoked",
+            ErrorCode::TokenExhausted => "token-exhausted",
+            ErrorCode::Refused => "refused",
+            ErrorCode::NotEnrolled => "not-enrolled",
+            ErrorCode::Revoked => "revoked",
+            ErrorCode::CsrRefused => "csr-refused",
+            ErrorCode::TooLarge => "too-large",
+            ErrorCode::RateLimited => "rate-limited",
+            ErrorCode::Internal => "internal",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -492,4 +623,138 @@ impl ErrorCode {
 pub struct ErrorBody {
     pub code: ErrorCode,
     pub error: String,
+}
+
+// --- the operator's calls ----------------------------------------------------------------------
+
+/// Where a machine is in the server's eyes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MachineState {
+    /// Asked to enroll without a credential: waits for `imgbuild nodes approve`.
+    Pending,
+    /// Approved for one key: binds when it asks again with that key.
+    Approved,
+    Enrolled,
+    /// Its enrollment was revoked: its certificate is refused until `imgbuild nodes reset`.
+    Revoked,
+}
+
+impl MachineState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MachineState::Pending => "pending",
+            MachineState::Approved => "approved",
+            MachineState::Enrolled => "enrolled",
+            MachineState::Revoked => "revoked",
+        }
+    }
+}
+
+/// What proved a machine to be the node it was bound to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Proof {
+    /// The node's own one-time credential, delivered out of band in its payload.
+    Credential,
+    /// The operator approved this machine's key.
+    Approved,
+    /// The worker token (shared by workers): a worker only, never CA material.
+    WorkerToken,
+}
+
+impl Proof {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proof::Credential => "credential",
+            Proof::Approved => "approved",
+            Proof::WorkerToken => "worker-token",
+        }
+    }
+}
+
+/// An attempt to enroll as a node that is bound to another key (or machine).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Conflict {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    pub source: String,
+    /// `sha256:` of the key that tried.
+    pub key: String,
+    pub machine: String,
+}
+
+/// One row of `imgbuild nodes`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub machine: String,
+    pub node: Option<String>,
+    pub role: Role,
+    pub state: MachineState,
+    /// How the binding was proven (enrolled machines).
+    #[serde(default)]
+    pub proof: Option<Proof>,
+    /// `sha256:` of the enrollment key: bound, or waiting for approval.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Keys that asked for approval but are not the one shown in `key` (a spoofed MAC shows up here).
+    #[serde(default)]
+    pub other_keys: Vec<String>,
+    /// Where the machine's requests come from.
+    pub source: String,
+    /// The credential it enrolled with (token id).
+    #[serde(default)]
+    pub token: Option<String>,
+    pub phase: Option<Phase>,
+    pub status: Option<PhaseStatus>,
+    pub message: String,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub last_report_at: Option<OffsetDateTime>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub enrolled_at: Option<OffsetDateTime>,
+    pub errors: Vec<String>,
+    #[serde(default)]
+    pub conflicts: Vec<Conflict>,
+    pub certificates: usize,
+}
+
+/// `POST /v1/nodes/approve`: a pending machine (identity key, MAC or UUID), optionally one key of
+/// it, becomes a node (the inventory's, or `name` with `role`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ApproveRequest {
+    pub machine: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+}
+
+/// `POST /v1/nodes/reset`: unbind a node, so that a machine may enroll as it again (with a new
+/// credential or the operator's approval).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ResetRequest {
+    pub node: String,
+}
+
+/// `POST /v1/nodes/revoke`: refuse a node's certificate from its next request on; by node, or
+/// every node that enrolled with a credential (token id).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RevokeRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RevokeResponse {
+    pub revoked: Vec<String>,
 }

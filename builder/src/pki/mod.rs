@@ -4,8 +4,8 @@
 //! talk to `imgbuild serve` — the apiserver does not trust it.
 //!
 //! [`leaf_spec`] is the one place that says what each certificate contains. Certificates for keys
-//! a node generated are signed from a CSR by [`Ca::sign_csr`], which takes nothing but the public
-//! key from the CSR and refuses CSRs that ask for more than the policy grants.
+//! a node generated are signed from a verified [`Csr`] by [`Ca::sign`], which takes nothing but
+//! the public key from the CSR and refuses CSRs that ask for more than the policy grants.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -226,6 +226,16 @@ pub fn enroll_server_spec(cluster: &Cluster) -> LeafSpec {
     s
 }
 
+/// The organization of the operator's identity on `imgbuild serve`: only certificates from the
+/// enrollment CA with it may call the operator's API (nodes never get it: theirs is
+/// `imgbuild:<role>`, decided by the server).
+pub const ADMIN_ORGANIZATION: &str = "imgbuild:admins";
+
+/// The operator's identity on `imgbuild serve` (`pki/imgbuild-admin.*` in the state dir).
+pub fn serve_admin_spec() -> LeafSpec {
+    spec(CaKind::Enrollment, "imgbuild-admin", &[ADMIN_ORGANIZATION], Usage::Client)
+}
+
 /// The client certificate a node uses with `imgbuild serve` after enrollment.
 pub fn enroll_client_spec(node: &str, role: Role) -> LeafSpec {
     spec(CaKind::Enrollment, node, &[&format!("imgbuild:{role}")], Usage::Client)
@@ -388,103 +398,163 @@ impl Ca {
     /// Signs a CSR under `spec`: only the public key is taken from the CSR. Returns the
     /// certificate PEM and the DER SubjectPublicKeyInfo it certifies.
     pub fn sign_csr(&self, spec: &LeafSpec, csr_pem: &str, validity: Duration) -> Result<(String, Vec<u8>), PkiError> {
-        let spki = check_csr(spec, csr_pem)?;
+        let csr = Csr::verify(csr_pem, None)?;
+        Ok((self.sign(spec, &csr, validity)?, csr.spki().to_vec()))
+    }
+
+    /// A certificate under `spec` for the key of a verified CSR that asks for nothing more.
+    pub fn sign(&self, spec: &LeafSpec, csr: &Csr, validity: Duration) -> Result<String, PkiError> {
+        csr.check(spec)?;
         let public_key =
-            SubjectPublicKeyInfo::from_der(&spki).map_err(|e| PkiError::CsrRefused(format!("public key: {e}")))?;
-        Ok((self.issue(spec, &public_key, validity)?, spki))
+            SubjectPublicKeyInfo::from_der(csr.spki()).map_err(|e| PkiError::CsrRefused(format!("public key: {e}")))?;
+        self.issue(spec, &public_key, validity)
+    }
+}
+
+/// A CSR whose self-signature and key are verified; [`Csr::check`] then compares what it asks
+/// for with a policy. Verification is the costly part and happens once.
+pub struct Csr {
+    der: Vec<u8>,
+    spki: Vec<u8>,
+}
+
+impl Csr {
+    /// Parses a PEM CSR and verifies its self-signature and key (ECDSA P-256/P-384, RSA
+    /// 2048-8192). With `binding`, its challengePassword must be exactly that: the channel
+    /// binding of the connection it came on (so a CSR taken from another connection is refused).
+    pub fn verify(pem: &str, binding: Option<&str>) -> Result<Csr, PkiError> {
+        use x509_parser::certification_request::X509CertificationRequest;
+        use x509_parser::cri_attributes::ParsedCriAttribute;
+        let refuse = |r: String| PkiError::CsrRefused(r);
+        let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| refuse(format!("not a PEM certificate request: {e}")))?;
+        let (_, csr) =
+            X509CertificationRequest::from_der(&der).map_err(|e| refuse(format!("not a PKCS#10 request: {e}")))?;
+        csr.verify_signature().map_err(|_| refuse("its self-signature does not verify".into()))?;
+        let info = &csr.certification_request_info;
+        use x509_parser::public_key::PublicKey;
+        match info.subject_pki.parsed() {
+            Ok(PublicKey::EC(ec)) if matches!(ec.key_size(), 256 | 384) => {}
+            Ok(PublicKey::RSA(rsa)) if (2048..=8192).contains(&rsa.key_size()) => {}
+            Ok(PublicKey::EC(ec)) => {
+                return Err(refuse(format!("EC key of {} bits (P-256 or P-384 accepted)", ec.key_size())));
+            }
+            Ok(PublicKey::RSA(rsa)) => {
+                return Err(refuse(format!("RSA key of {} bits (2048 to 8192 accepted)", rsa.key_size())));
+            }
+            _ => return Err(refuse("unsupported key type (ECDSA P-256/P-384 or RSA accepted)".into())),
+        }
+        if let Some(want) = binding {
+            let got = csr.certification_request_info.iter_attributes().find_map(|a| match a.parsed_attribute() {
+                ParsedCriAttribute::ChallengePassword(p) => Some(p.0.clone()),
+                _ => None,
+            });
+            match got {
+                Some(got) if got == want => {}
+                Some(_) => return Err(refuse("it is bound to another TLS connection (challengePassword)".into())),
+                None => {
+                    return Err(refuse(
+                        "it carries no channel binding (challengePassword with this connection's tls-exporter value)"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        let spki = info.subject_pki.raw.to_vec();
+        Ok(Csr { der: der.as_ref().to_vec(), spki })
+    }
+
+    /// The DER SubjectPublicKeyInfo it asks a certificate for.
+    pub fn spki(&self) -> &[u8] {
+        &self.spki
+    }
+
+    /// Refuses a request for anything the policy does not grant: another subject, a name not
+    /// the node's, a usage beyond the purpose's, a CA flag, an unknown extension.
+    pub fn check(&self, spec: &LeafSpec) -> Result<(), PkiError> {
+        use x509_parser::certification_request::X509CertificationRequest;
+        let refuse = |r: String| PkiError::CsrRefused(r);
+        let (_, csr) =
+            X509CertificationRequest::from_der(&self.der).map_err(|e| refuse(format!("not a PKCS#10 request: {e}")))?;
+        let info = &csr.certification_request_info;
+        for attr in info.subject.iter_attributes() {
+            let value = attr.as_str().unwrap_or("<non-string>");
+            let oid = attr.attr_type();
+            if *oid == x509_parser::oid_registry::OID_X509_COMMON_NAME {
+                if value != spec.common_name {
+                    return Err(refuse(format!(
+                        "asks for CN {value:?}; this node's certificate is for {:?}",
+                        spec.common_name
+                    )));
+                }
+            } else if *oid == x509_parser::oid_registry::OID_X509_ORGANIZATION_NAME {
+                if !spec.organizations.iter().any(|o| o == value) {
+                    return Err(refuse(format!("asks for organization {value:?}, which is not granted")));
+                }
+            } else {
+                return Err(refuse(format!(
+                    "asks for subject attribute {oid} = {value:?}; only CN and O may be given"
+                )));
+            }
+        }
+        for ext in csr.requested_extensions().into_iter().flatten() {
+            match ext {
+                ParsedExtension::BasicConstraints(bc) if bc.ca => {
+                    return Err(refuse("asks to be a CA".into()));
+                }
+                ParsedExtension::KeyUsage(ku) if ku.key_cert_sign() || ku.crl_sign() => {
+                    return Err(refuse("asks for a key usage to sign certificates or CRLs".into()));
+                }
+                ParsedExtension::BasicConstraints(_) | ParsedExtension::KeyUsage(_) => {}
+                ParsedExtension::ExtendedKeyUsage(eku) => {
+                    let granted = spec.usage.ekus();
+                    let wants_server = eku.server_auth && !granted.contains(&ExtendedKeyUsagePurpose::ServerAuth);
+                    let wants_client = eku.client_auth && !granted.contains(&ExtendedKeyUsagePurpose::ClientAuth);
+                    if eku.any
+                        || wants_server
+                        || wants_client
+                        || eku.code_signing
+                        || eku.email_protection
+                        || eku.time_stamping
+                        || eku.ocsp_signing
+                        || !eku.other.is_empty()
+                    {
+                        return Err(refuse(format!("asks for extended key usages beyond {:?}", spec.usage)));
+                    }
+                }
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    for name in &san.general_names {
+                        let allowed = match name {
+                            GeneralName::DNSName(d) => spec.dns_names.iter().any(|n| n == d),
+                            GeneralName::IPAddress(b) => ip_from_bytes(b).is_some_and(|ip| spec.ips.contains(&ip)),
+                            _ => false,
+                        };
+                        if !allowed {
+                            return Err(refuse(format!(
+                                "asks for the foreign name {name}; this node may have {:?} {:?}",
+                                spec.dns_names, spec.ips
+                            )));
+                        }
+                    }
+                }
+                ParsedExtension::UnsupportedExtension { oid } => {
+                    return Err(refuse(format!("asks for the unknown extension {oid}")));
+                }
+                other => {
+                    return Err(refuse(format!("asks for an extension that is not granted: {other:?}")));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
 /// Checks a CSR against the policy: a valid self-signature, an acceptable key, and no request
 /// for anything the policy does not grant. Returns the DER SubjectPublicKeyInfo.
 pub fn check_csr(spec: &LeafSpec, csr_pem: &str) -> Result<Vec<u8>, PkiError> {
-    use x509_parser::certification_request::X509CertificationRequest;
-    let refuse = |r: String| PkiError::CsrRefused(r);
-    let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
-        .map_err(|e| refuse(format!("not a PEM certificate request: {e}")))?;
-    let (_, csr) =
-        X509CertificationRequest::from_der(&der).map_err(|e| refuse(format!("not a PKCS#10 request: {e}")))?;
-    csr.verify_signature().map_err(|_| refuse("its self-signature does not verify".into()))?;
-    let info = &csr.certification_request_info;
-
-    use x509_parser::public_key::PublicKey;
-    match info.subject_pki.parsed() {
-        Ok(PublicKey::EC(ec)) if matches!(ec.key_size(), 256 | 384) => {}
-        Ok(PublicKey::RSA(rsa)) if (2048..=8192).contains(&rsa.key_size()) => {}
-        Ok(PublicKey::EC(ec)) => {
-            return Err(refuse(format!("EC key of {} bits (P-256 or P-384 accepted)", ec.key_size())));
-        }
-        Ok(PublicKey::RSA(rsa)) => {
-            return Err(refuse(format!("RSA key of {} bits (2048 to 8192 accepted)", rsa.key_size())));
-        }
-        _ => return Err(refuse("unsupported key type (ECDSA P-256/P-384 or RSA accepted)".into())),
-    }
-
-    for attr in info.subject.iter_attributes() {
-        let value = attr.as_str().unwrap_or("<non-string>");
-        let oid = attr.attr_type();
-        if *oid == x509_parser::oid_registry::OID_X509_COMMON_NAME {
-            if value != spec.common_name {
-                return Err(refuse(format!(
-                    "asks for CN {value:?}; this node's certificate is for {:?}",
-                    spec.common_name
-                )));
-            }
-        } else if *oid == x509_parser::oid_registry::OID_X509_ORGANIZATION_NAME {
-            if !spec.organizations.iter().any(|o| o == value) {
-                return Err(refuse(format!("asks for organization {value:?}, which is not granted")));
-            }
-        } else {
-            return Err(refuse(format!("asks for subject attribute {oid} = {value:?}; only CN and O may be given")));
-        }
-    }
-
-    for ext in csr.requested_extensions().into_iter().flatten() {
-        match ext {
-            ParsedExtension::BasicConstraints(bc) if bc.ca => {
-                return Err(refuse("asks to be a CA".into()));
-            }
-            ParsedExtension::BasicConstraints(_) | ParsedExtension::KeyUsage(_) => {}
-            ParsedExtension::ExtendedKeyUsage(eku) => {
-                let granted = spec.usage.ekus();
-                let wants_server = eku.server_auth && !granted.contains(&ExtendedKeyUsagePurpose::ServerAuth);
-                let wants_client = eku.client_auth && !granted.contains(&ExtendedKeyUsagePurpose::ClientAuth);
-                if eku.any
-                    || wants_server
-                    || wants_client
-                    || eku.code_signing
-                    || eku.email_protection
-                    || eku.time_stamping
-                    || eku.ocsp_signing
-                    || !eku.other.is_empty()
-                {
-                    return Err(refuse(format!("asks for extended key usages beyond {:?}", spec.usage)));
-                }
-            }
-            ParsedExtension::SubjectAlternativeName(san) => {
-                for name in &san.general_names {
-                    let allowed = match name {
-                        GeneralName::DNSName(d) => spec.dns_names.iter().any(|n| n == d),
-                        GeneralName::IPAddress(b) => ip_from_bytes(b).is_some_and(|ip| spec.ips.contains(&ip)),
-                        _ => false,
-                    };
-                    if !allowed {
-                        return Err(refuse(format!(
-                            "asks for the foreign name {name}; this node may have {:?} {:?}",
-                            spec.dns_names, spec.ips
-                        )));
-                    }
-                }
-            }
-            ParsedExtension::UnsupportedExtension { oid } => {
-                return Err(refuse(format!("asks for the unknown extension {oid}")));
-            }
-            other => {
-                return Err(refuse(format!("asks for an extension that is not granted: {other:?}")));
-            }
-        }
-    }
-    Ok(info.subject_pki.raw.to_vec())
+    let csr = Csr::verify(csr_pem, None)?;
+    csr.check(spec)?;
+    Ok(csr.spki)
 }
 
 /// What a certificate says, for checks and listings.

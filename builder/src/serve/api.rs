@@ -1,8 +1,18 @@
-//! HTTP handlers of the enrollment API. Every request carries the [`Peer`] its TLS connection
-//! authenticated; nodes are identified by their enrollment client certificate, operators by an
-//! admin certificate from the cluster CA. A connection on which a machine just enrolled speaks
-//! for that node from then on, as if it had shown the certificate it was given: the token
-//! authenticated this very connection, and the node need not pay a second handshake to use it.
+//! HTTP handlers of the enrollment API: each parses, checks who is asking, and hands over to
+//! [`Fleet`]. Every request carries the [`Peer`] its TLS connection is: the client certificate
+//! (a node's enrollment certificate, or the operator's admin identity) and the connection's
+//! channel binding. A connection on which a machine just enrolled speaks for that node from then
+//! on, as if it had shown the certificate it was given: its CSR, bound to this very connection,
+//! proved the key, and the node need not pay a second handshake to use it.
+//!
+//! Who may call what (docs/security.md has the whole table):
+//!
+//! | path | who |
+//! |---|---|
+//! | `/healthz`, `/metrics`, `/v1/payload/...` | anyone: nothing there can obtain a secret |
+//! | `/v1/enroll` | anyone, with a bound CSR; what it gets depends on what it proves |
+//! | `/v1/config`, `/v1/sign`, `/v1/report`, `/v1/bootstrap-lease` | the node, by its certificate |
+//! | `/v1/nodes...` | the operator's admin identity |
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -11,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Extension, State};
+use axum::extract::{DefaultBodyLimit, Extension, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -19,7 +29,8 @@ use proto::wire::*;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::fleet::{ApiError, Fleet, NodeRecord};
+use super::fleet::records::NodeRecord;
+use super::fleet::{ApiError, Fleet};
 use super::render::Renderer;
 
 /// Who is on the other end of a connection.
@@ -30,11 +41,13 @@ pub struct Peer {
     pub client: Option<Client>,
     /// The node that enrolled on this connection.
     pub enrolled: Arc<OnceLock<Client>>,
+    /// This connection's channel binding (RFC 9266), as an enrollment CSR must carry it.
+    pub binding: Option<String>,
 }
 
 impl Peer {
-    pub fn new(addr: SocketAddr, client: Option<Client>) -> Self {
-        Peer { addr, client, enrolled: Arc::default() }
+    pub fn new(addr: SocketAddr, client: Option<Client>, binding: Option<String>) -> Self {
+        Peer { addr, client, enrolled: Arc::default(), binding }
     }
 
     fn client(&self) -> Option<&Client> {
@@ -46,7 +59,7 @@ impl Peer {
 pub enum Client {
     /// A node's enrollment certificate: its CN is the node name.
     Node { name: String, spki: Vec<u8> },
-    /// An operator (cluster CA, `system:masters`).
+    /// The operator (the state dir's admin identity).
     Admin { name: String },
 }
 
@@ -71,26 +84,26 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(fleet: Fleet, renderer: Renderer, state: crate::state::State) -> Self {
-        App { fleet, renderer, state, limiter: RateLimiter::default() }
+    /// `failures_per_minute`: refused enrollments a source may have before it is answered 429.
+    pub fn new(fleet: Fleet, renderer: Renderer, state: crate::state::State, failures_per_minute: u32) -> Self {
+        App { fleet, renderer, state, limiter: RateLimiter { max: failures_per_minute, failures: Mutex::default() } }
     }
 }
 
-/// Failed enrollments per source address: after `MAX_FAILURES` in a window, the source is
-/// answered 429 until the window ends.
-#[derive(Default)]
+/// Failed enrollments per source address: after `max` in a window, the source is answered 429
+/// until the window ends.
 struct RateLimiter {
+    max: u32,
     failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
 }
 
-const MAX_FAILURES: u32 = 20;
 const WINDOW: Duration = Duration::from_secs(60);
 
 impl RateLimiter {
     fn check(&self, ip: IpAddr) -> Result<(), ApiError> {
-        let map = self.failures.lock().expect("rate limiter lock");
+        let map = self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match map.get(&ip) {
-            Some((start, n)) if *n >= MAX_FAILURES && start.elapsed() < WINDOW => Err(ApiError::new(
+            Some((start, n)) if *n >= self.max && start.elapsed() < WINDOW => Err(ApiError::new(
                 ErrorCode::RateLimited,
                 format!("too many failed attempts from {ip}; retry in {}s", (WINDOW - start.elapsed()).as_secs() + 1),
             )),
@@ -99,7 +112,7 @@ impl RateLimiter {
     }
 
     fn failed(&self, ip: IpAddr) {
-        let mut map = self.failures.lock().expect("rate limiter lock");
+        let mut map = self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let entry = map.entry(ip).or_insert((Instant::now(), 0));
         if entry.0.elapsed() >= WINDOW {
             *entry = (Instant::now(), 0);
@@ -114,14 +127,13 @@ impl RateLimiter {
 fn status_of(code: ErrorCode) -> StatusCode {
     match code {
         ErrorCode::BadRequest | ErrorCode::UnsupportedProtocol => StatusCode::BAD_REQUEST,
-        ErrorCode::InvalidToken | ErrorCode::TokenExpired | ErrorCode::TokenRevoked | ErrorCode::NotEnrolled => {
-            StatusCode::UNAUTHORIZED
-        }
-        ErrorCode::TokenRole
-        | ErrorCode::TokenExhausted
-        | ErrorCode::UnknownMachine
-        | ErrorCode::IdentityConflict
-        | ErrorCode::CsrRefused => StatusCode::FORBIDDEN,
+        ErrorCode::InvalidToken
+        | ErrorCode::TokenExpired
+        | ErrorCode::TokenRevoked
+        | ErrorCode::NotEnrolled
+        | ErrorCode::Revoked => StatusCode::UNAUTHORIZED,
+        ErrorCode::TokenExhausted | ErrorCode::Refused | ErrorCode::CsrRefused => StatusCode::FORBIDDEN,
+        ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -150,12 +162,15 @@ pub fn router(app: Arc<App>) -> Router {
         .route(PATH_SIGN, post(sign))
         .route(PATH_REPORT, post(report))
         .route(PATH_BOOTSTRAP_LEASE, post(lease))
-        .route("/v1/payload/role/{role}", get(payload_role))
-        .route("/v1/payload/node/{name}", get(payload_node))
-        .route("/v1/nodes", get(nodes))
-        .route("/v1/nodes/approve", post(approve))
-        .route("/metrics", get(metrics))
+        .route(PATH_PAYLOAD_ROLE, get(payload_role))
+        .route(PATH_PAYLOAD_NODE, get(payload_node))
+        .route(PATH_NODES, get(nodes))
+        .route(PATH_NODES_APPROVE, post(approve))
+        .route(PATH_NODES_RESET, post(reset))
+        .route(PATH_NODES_REVOKE, post(revoke))
+        .route(PATH_METRICS, get(metrics))
         .route(PATH_HEALTH, get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(limits::BODY))
         .with_state(app)
 }
 
@@ -164,11 +179,13 @@ async fn enroll(
     Extension(peer): Extension<Peer>,
     body: Bytes,
 ) -> ApiResult<EnrollResponse> {
-    app.fleet.metrics.request();
+    app.fleet.metrics().request();
     let ip = peer.addr.ip();
     app.limiter.check(ip)?;
     let req: EnrollRequest = parse(&body).inspect_err(|_| app.limiter.failed(ip))?;
-    match app.fleet.enroll(req, ip).await {
+    let binding =
+        peer.binding.as_deref().ok_or_else(|| ApiError::new(ErrorCode::Internal, "no TLS channel binding"))?;
+    match app.fleet.enroll(req, ip, binding).await {
         Ok(r) => {
             if let (None, Some(node)) = (&peer.client, r.client_cert.as_deref().and_then(Client::node_from_pem)) {
                 let _ = peer.enrolled.set(node);
@@ -186,7 +203,7 @@ async fn enroll(
 
 /// The enrolled node behind this connection's client certificate.
 async fn node(app: &App, peer: &Peer) -> Result<NodeRecord, ApiError> {
-    app.fleet.metrics.request();
+    app.fleet.metrics().request();
     match peer.client() {
         Some(Client::Node { name, spki }) => app.fleet.authenticate(name, spki).await,
         _ => Err(ApiError::new(ErrorCode::NotEnrolled, "this call needs the client certificate from enrollment")),
@@ -195,7 +212,7 @@ async fn node(app: &App, peer: &Peer) -> Result<NodeRecord, ApiError> {
 
 async fn config(State(app): State<Arc<App>>, Extension(peer): Extension<Peer>) -> ApiResult<NodeConfig> {
     let node = node(&app, &peer).await?;
-    ok(app.renderer.node_config(&app.fleet, &node).await?)
+    ok(app.renderer.node_config(&node, &app.fleet.tokens()?)?)
 }
 
 async fn sign(State(app): State<Arc<App>>, Extension(peer): Extension<Peer>, body: Bytes) -> ApiResult<SignResponse> {
@@ -216,73 +233,89 @@ async fn report(
 async fn lease(State(app): State<Arc<App>>, Extension(peer): Extension<Peer>, body: Bytes) -> ApiResult<LeaseResponse> {
     let node = node(&app, &peer).await?;
     let req: LeaseRequest = parse(&body)?;
-    ok(app.fleet.lease(&node, req.action, || app.renderer.cluster_objects(&app.fleet)).await?)
+    let tokens = app.fleet.tokens()?;
+    ok(app.fleet.lease(&node, req.action, || app.renderer.cluster_objects(&tokens)).await?)
 }
 
-fn admin(peer: &Peer) -> Result<(), ApiError> {
+fn admin(app: &App, peer: &Peer) -> Result<(), ApiError> {
+    app.fleet.metrics().request();
     match &peer.client {
         Some(Client::Admin { .. }) => Ok(()),
-        _ => Err(ApiError::new(ErrorCode::NotEnrolled, "this call needs an admin certificate (admin.conf)")),
+        _ => Err(ApiError::new(ErrorCode::NotEnrolled, "this call needs the admin identity (pki/imgbuild-admin.*)")),
     }
 }
 
-async fn nodes(State(app): State<Arc<App>>, Extension(peer): Extension<Peer>) -> Result<Response, ApiError> {
-    admin(&peer)?;
-    Ok(axum::Json(app.fleet.status().await?).into_response())
+async fn nodes(State(app): State<Arc<App>>, Extension(peer): Extension<Peer>) -> ApiResult<Vec<NodeStatus>> {
+    admin(&app, &peer)?;
+    ok(app.fleet.status().await?)
 }
 
-#[derive(serde::Deserialize)]
-struct ApproveRequest {
-    machine: String,
-    name: Option<String>,
+async fn approve(State(app): State<Arc<App>>, Extension(peer): Extension<Peer>, body: Bytes) -> ApiResult<NodeStatus> {
+    admin(&app, &peer)?;
+    ok(app.fleet.approve(&parse(&body)?).await?)
 }
 
-async fn approve(
+async fn reset(
     State(app): State<Arc<App>>,
     Extension(peer): Extension<Peer>,
     body: Bytes,
-) -> Result<Response, ApiError> {
-    admin(&peer)?;
-    let req: ApproveRequest = parse(&body)?;
-    Ok(axum::Json(app.fleet.approve(&req.machine, req.name).await?).into_response())
+) -> Result<StatusCode, ApiError> {
+    admin(&app, &peer)?;
+    let req: ResetRequest = parse(&body)?;
+    app.fleet.reset(&req.node).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
+async fn revoke(
+    State(app): State<Arc<App>>,
+    Extension(peer): Extension<Peer>,
+    body: Bytes,
+) -> ApiResult<RevokeResponse> {
+    admin(&app, &peer)?;
+    ok(app.fleet.revoke(&parse(&body)?).await?)
+}
+
+/// Counts only; the machine gauges are refreshed at most every [`super::metrics::GAUGES_EVERY`].
 async fn metrics(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
-    let status = app.fleet.status().await?;
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.fleet.metrics.render(&status)).into_response())
+    let m = app.fleet.metrics();
+    if m.gauges_due() {
+        m.set_machines(&app.fleet.status().await?);
+    }
+    Ok(([(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)], m.render()).into_response())
 }
 
+/// The open payload of a role or node: where the server is and its pin, never a credential.
 fn payload_for(app: &App, target: crate::payload::Target<'_>, peer: &Peer) -> Result<Response, ApiError> {
-    let cfg = crate::payload::boot_config(&app.state, &app.fleet.cluster, &target)
+    let cfg = crate::payload::open_config(&app.state, app.fleet.cluster(), &target)
         .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
     let who = target.node.map_or_else(|| target.role.to_string(), |n| n.name.clone());
-    app.fleet.audit.line("payload", &[("for", &who), ("source", &peer.addr.ip().to_string())]);
+    app.fleet.audit().line("payload", &[("for", &who), ("source", &peer.addr.ip().to_string())]);
     Ok(([(header::CONTENT_TYPE, "application/json")], crate::payload::config_json(&cfg)).into_response())
 }
 
-/// GET /v1/payload/role/ROLE: the role's first-boot payload (PXE nodes fetch it at boot).
+/// GET /v1/payload/role/ROLE: the role's open payload (PXE nodes fetch it at boot).
 async fn payload_role(
     State(app): State<Arc<App>>,
     Extension(peer): Extension<Peer>,
     axum::extract::Path(role): axum::extract::Path<String>,
 ) -> Result<Response, ApiError> {
-    app.fleet.metrics.request();
+    app.fleet.metrics().request();
     let role: proto::Role =
         role.parse().map_err(|e: proto::role::UnknownRole| ApiError::new(ErrorCode::BadRequest, e.to_string()))?;
     payload_for(&app, crate::payload::Target { role, node: None }, &peer)
 }
 
-/// GET /v1/payload/node/NAME: one node's payload, with its static address.
+/// GET /v1/payload/node/NAME: one node's open payload, with its static address.
 async fn payload_node(
     State(app): State<Arc<App>>,
     Extension(peer): Extension<Peer>,
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Result<Response, ApiError> {
-    app.fleet.metrics.request();
+    app.fleet.metrics().request();
     let node = app
         .fleet
-        .cluster
+        .cluster()
         .node(&name)
-        .ok_or_else(|| ApiError::new(ErrorCode::UnknownMachine, format!("no node {name}")))?;
+        .ok_or_else(|| ApiError::new(ErrorCode::BadRequest, format!("no node {name} in the inventory")))?;
     payload_for(&app, crate::payload::Target { role: node.role, node: Some(node) }, &peer)
 }

@@ -1,7 +1,9 @@
-//! The audit log: one JSON line per enrollment, signature, refusal, approval and report, appended
-//! to `audit.log` in the state dir. Refusals are also logged at warn level, so they reach the
-//! journal; the other events at debug level (`IMGBUILD_LOG=audit=debug`): at fleet scale they
-//! are the audit file's job, and logging each twice costs the server a write per event.
+//! The audit log: one JSON line per enrollment, signature, approval, reset, revocation, conflict,
+//! refusal and report. An event that records a change is written into the store in the change's
+//! own transaction (`audit/` keys, see [`super::fleet::records`]): no change is ever durable
+//! without its record. Every event is also appended to `audit.log` (0600) in the state dir, for
+//! reading and shipping. Refusals are also logged at warn level, so they reach the journal; the
+//! other events at debug level (`IMGBUILD_LOG=audit=debug`).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -44,8 +46,19 @@ impl Audit {
         Audit { file: None }
     }
 
+    /// The line of an event, as the store and the file keep it.
+    pub fn format(&self, at: OffsetDateTime, event: &str, fields: &[(&str, &str)]) -> String {
+        format_line(at, event, fields)
+    }
+
+    /// An event now (refusals, reports: events that change nothing in the store).
     pub fn line(&self, event: &str, fields: &[(&str, &str)]) {
-        let mut line = format_line(OffsetDateTime::now_utc(), event, fields);
+        self.line_at(OffsetDateTime::now_utc(), event, fields);
+    }
+
+    /// An event at `at` (a committed change's, already durable in the store).
+    pub fn line_at(&self, at: OffsetDateTime, event: &str, fields: &[(&str, &str)]) {
+        let mut line = format_line(at, event, fields);
         if event == REFUSED {
             tracing::warn!(target: "audit", "{line}");
         } else {

@@ -2,6 +2,10 @@
 //! from the bake output directory, and iPXE scripts that boot it with the first-boot payload's
 //! location and the CA pin on the kernel command line, per role and per MAC. Point DHCP's boot
 //! file at `http://SERVER:PORT/boot/mac/${mac}.ipxe` (or `/boot/ROLE.ipxe`).
+//!
+//! Everything here is for anyone on the network: no credential is ever in a script. A machine
+//! booted this way fetches the open payload over HTTPS (pinned) and waits for the operator's
+//! approval of its key (docs/security.md).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -56,10 +60,10 @@ async fn file(State(b): State<Arc<BootFiles>>, Path((role, name)): Path<(String,
 fn script(b: &BootFiles, headers: &HeaderMap, target: Target<'_>) -> Response {
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1");
     let base = format!("http://{host}/boot/{}", target.role);
-    let cluster = &b.app.fleet.cluster;
-    match payload::boot_config(&b.app.state, cluster, &target) {
+    let cluster = b.app.fleet.cluster();
+    match payload::open_config(&b.app.state, cluster, &target) {
         Ok(cfg) => {
-            b.app.fleet.audit.line(
+            b.app.fleet.audit().line(
                 "pxe-script",
                 &[("role", target.role.as_str()), ("node", target.node.map_or("", |n| n.name.as_str()))],
             );
@@ -78,7 +82,7 @@ async fn by_role(State(b): State<Arc<BootFiles>>, headers: HeaderMap, Path(name)
 
 async fn by_mac(State(b): State<Arc<BootFiles>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
     let mac = name.strip_suffix(".ipxe").unwrap_or(&name).to_ascii_lowercase().replace('-', ":");
-    let node = b.app.fleet.cluster.nodes.iter().find(|n| n.mac.as_ref().is_some_and(|m| m.as_str() == mac));
+    let node = b.app.fleet.cluster().nodes.iter().find(|n| n.mac.as_ref().is_some_and(|m| m.as_str() == mac));
     match node {
         Some(n) => script(&b, &headers, Target { role: n.role, node: Some(n) }),
         None => not_found(format!("no node with MAC {mac} in the inventory")),

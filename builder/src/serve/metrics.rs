@@ -1,85 +1,148 @@
-//! Counters for `/metrics` (Prometheus text format 0.0.4).
+//! `/metrics`, in the OpenMetrics text format, through the Prometheus project's own client
+//! (`prometheus-client`). Counters count as things happen; the machine gauges (by state and last
+//! phase) come from the store, read at most once per [`GAUGES_EVERY`] whatever the scrape rate:
+//! a scrape never walks the store. Counts only: no names, no identities.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use proto::wire::{ErrorCode, PhaseStatus};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use proto::wire::{ErrorCode, NodeStatus, PhaseStatus};
 
-use super::fleet::NodeStatus;
+/// How old the machine gauges may be.
+pub const GAUGES_EVERY: Duration = Duration::from_secs(15);
 
-#[derive(Default)]
+/// The media type of the exposition.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Refusal {
+    op: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Status {
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Machine {
+    state: String,
+    phase: String,
+    status: String,
+}
+
 pub struct Metrics {
-    enrolled: AtomicU64,
-    signed: AtomicU64,
-    refused: Mutex<BTreeMap<(String, String), u64>>,
-    reports: Mutex<BTreeMap<&'static str, u64>>,
-    requests: AtomicU64,
+    registry: Registry,
+    enrolled: Counter,
+    signed: Counter,
+    requests: Counter,
+    refused: Family<Refusal, Counter>,
+    reports: Family<Status, Counter>,
+    machines: Family<Machine, Gauge>,
+    gauges_at: Mutex<Option<Instant>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let (enrolled, signed, requests) = (Counter::default(), Counter::default(), Counter::default());
+        let (refused, reports, machines) = (Family::default(), Family::default(), Family::default());
+        let mut registry = Registry::with_prefix("imgbuild");
+        registry.register("enrollments", "Machines bound to a node", enrolled.clone());
+        registry.register("certificates_signed", "Certificates signed for node keys", signed.clone());
+        registry.register("http_requests", "API requests received", requests.clone());
+        registry.register("refusals", "Requests refused, by operation and reason", refused.clone());
+        registry.register("reports", "Phase reports received, by status", reports.clone());
+        registry.register(
+            "machines",
+            "Machines known to the server, by state, last phase and status",
+            machines.clone(),
+        );
+        Metrics { registry, enrolled, signed, requests, refused, reports, machines, gauges_at: Mutex::new(None) }
+    }
 }
 
 impl Metrics {
     pub fn enrolled(&self) {
-        self.enrolled.fetch_add(1, Ordering::Relaxed);
-    }
-    pub fn signed(&self) {
-        self.signed.fetch_add(1, Ordering::Relaxed);
-    }
-    pub fn request(&self) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-    }
-    pub fn refused(&self, op: &str, code: ErrorCode) {
-        let code = serde_json::to_value(code).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-        *self.refused.lock().expect("metrics lock").entry((op.to_string(), code)).or_default() += 1;
-    }
-    pub fn reported(&self, status: PhaseStatus) {
-        *self.reports.lock().expect("metrics lock").entry(status.as_str()).or_default() += 1;
+        self.enrolled.inc();
     }
 
-    /// The exposition text, with per-phase node gauges from `fleet`.
-    pub fn render(&self, fleet: &[NodeStatus]) -> String {
-        let mut out = String::new();
-        let mut counter = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-        };
-        counter(
-            "imgbuild_enrollments_total",
-            "Machines enrolled (including re-enrollments with a new key).",
-            self.enrolled.load(Ordering::Relaxed),
-        );
-        counter(
-            "imgbuild_certificates_signed_total",
-            "Certificates signed for node keys.",
-            self.signed.load(Ordering::Relaxed),
-        );
-        counter("imgbuild_http_requests_total", "API requests received.", self.requests.load(Ordering::Relaxed));
-        let _ = writeln!(
-            out,
-            "# HELP imgbuild_refusals_total Requests refused, by operation and reason.\n# TYPE imgbuild_refusals_total counter"
-        );
-        for ((op, code), v) in self.refused.lock().expect("metrics lock").iter() {
-            let _ = writeln!(out, "imgbuild_refusals_total{{op=\"{op}\",code=\"{code}\"}} {v}");
+    pub fn signed(&self, n: u64) {
+        self.signed.inc_by(n);
+    }
+
+    pub fn request(&self) {
+        self.requests.inc();
+    }
+
+    pub fn refused(&self, op: &str, code: ErrorCode) {
+        self.refused.get_or_create(&Refusal { op: op.into(), code: code.as_str().into() }).inc();
+    }
+
+    pub fn reported(&self, status: PhaseStatus) {
+        self.reports.get_or_create(&Status { status: status.as_str().into() }).inc();
+    }
+
+    /// Whether the machine gauges are older than [`GAUGES_EVERY`]; if so, the caller is the one
+    /// to refresh them (others keep serving the old ones meanwhile).
+    pub fn gauges_due(&self) -> bool {
+        let mut at = self.gauges_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if at.is_some_and(|t| t.elapsed() < GAUGES_EVERY) {
+            return false;
         }
-        let _ = writeln!(
-            out,
-            "# HELP imgbuild_reports_total Phase reports received, by status.\n# TYPE imgbuild_reports_total counter"
-        );
-        for (status, v) in self.reports.lock().expect("metrics lock").iter() {
-            let _ = writeln!(out, "imgbuild_reports_total{{status=\"{status}\"}} {v}");
-        }
-        let mut phases: BTreeMap<(String, String), u64> = BTreeMap::new();
+        *at = Some(Instant::now());
+        true
+    }
+
+    /// Sets the machine gauges from the fleet as it is now.
+    pub fn set_machines(&self, fleet: &[NodeStatus]) {
+        self.machines.clear();
         for n in fleet {
-            let phase = n.phase.map_or("none".to_string(), |p| p.as_str().to_string());
-            let status = n.status.map_or("none".to_string(), |s| s.as_str().to_string());
-            *phases.entry((phase, status)).or_default() += 1;
+            let labels = Machine {
+                state: n.state.as_str().into(),
+                phase: n.phase.map_or("none", |p| p.as_str()).into(),
+                status: n.status.map_or("none", |s| s.as_str()).into(),
+            };
+            self.machines.get_or_create(&labels).inc();
         }
-        let _ = writeln!(
-            out,
-            "# HELP imgbuild_machines Machines known to the server, by last phase and status.\n# TYPE imgbuild_machines gauge"
-        );
-        for ((phase, status), v) in phases {
-            let _ = writeln!(out, "imgbuild_machines{{phase=\"{phase}\",status=\"{status}\"}} {v}");
-        }
+    }
+
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_gauges_in_the_exposition() {
+        let m = Metrics::default();
+        m.enrolled();
+        m.signed(3);
+        m.refused("enroll", ErrorCode::Refused);
+        m.refused("enroll", ErrorCode::Refused);
+        m.reported(PhaseStatus::Failed);
+        let text = m.render();
+        for want in [
+            "imgbuild_enrollments_total 1",
+            "imgbuild_certificates_signed_total 3",
+            "imgbuild_refusals_total{op=\"enroll\",code=\"refused\"} 2",
+            "imgbuild_reports_total{status=\"failed\"} 1",
+            "# EOF",
+        ] {
+            assert!(text.contains(want), "{want} missing in:\n{text}");
+        }
+        assert!(m.gauges_due(), "never set: due");
+        assert!(!m.gauges_due(), "just set: not due");
     }
 }

@@ -1,13 +1,16 @@
-//! `imgbuild serve`: the HTTPS enrollment server (rustls, HTTP/1.1 and HTTP/2, graceful
-//! shutdown). Nodes enroll with a token and then authenticate with the client certificate they
-//! got; operators use `admin.conf`'s certificate for `imgbuild nodes`.
+//! `imgbuild serve`: the HTTPS enrollment server (rustls, TLS 1.3, HTTP/1.1, graceful shutdown).
+//! Machines enroll with their credential (or wait for approval) on a connection their CSR is
+//! bound to, then authenticate with the client certificate they got; the operator uses the
+//! state dir's admin identity (`pki/imgbuild-admin.*`) for `imgbuild nodes`. Who may do what is
+//! docs/security.md.
 //!
-//! Layers: [`api`] (HTTP) → [`fleet`] (enrollment logic) → [`store`] (durable state);
-//! [`render`] makes each node's config.
+//! Layers: [`conn`] (connections and their limits) → [`api`] (HTTP) → [`fleet`] (enrollment
+//! logic) → [`store`] (durable state); [`render`] makes each node's config.
 
 pub mod api;
 pub mod audit;
 pub mod boot;
+pub mod conn;
 pub mod fleet;
 pub mod metrics;
 pub mod render;
@@ -18,17 +21,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tower::ServiceExt;
 
 use self::api::{App, Client, Peer};
 use self::audit::Audit;
-use self::fleet::{Cas, Fleet};
+use self::fleet::{Cas, Fleet, TokenSource};
 use self::render::Renderer;
 use self::store::{EtcdConfig, EtcdStore, RedbStore, Store};
 use crate::pki::CaKind;
@@ -50,11 +50,11 @@ pub struct ServeOptions {
     pub audit_file: bool,
     /// Serve PXE sets and iPXE scripts over plain HTTP on this address, from this directory.
     pub boot: Option<(SocketAddr, std::path::PathBuf)>,
+    pub limits: conn::Limits,
 }
 
 /// How long connections may take to finish after a shutdown request.
 const DRAIN: Duration = Duration::from_secs(10);
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A server that is listening.
 pub struct Running {
@@ -62,7 +62,7 @@ pub struct Running {
     /// The plain-HTTP boot listener, when there is one.
     pub boot_addr: Option<SocketAddr>,
     shutdown: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     pub app: Arc<App>,
 }
 
@@ -70,7 +70,9 @@ impl Running {
     /// Stops accepting, lets open requests finish (up to 10 s), then returns.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        let _ = self.task.await;
+        for t in self.tasks {
+            let _ = t.await;
+        }
     }
 
     /// Serves until `signal` completes, then shuts down gracefully.
@@ -117,14 +119,15 @@ pub async fn start(state: &State, opts: &ServeOptions) -> Result<Running> {
     };
     let renderer = Renderer::new(state, &cluster)?;
     let describe = store.describe();
-    let (enroll_subject, cluster_subject) =
-        (subject_raw(cas.enrollment.cert_der()), subject_raw(cas.cluster.cert_der()));
-    let fleet = Fleet::new(store, cluster, cas, state.tokens_file(), audit);
-    let app = Arc::new(App::new(fleet, renderer, state.clone()));
+    let enroll_subject = subject_raw(cas.enrollment.cert_der());
+    let tokens = Arc::new(TokenSource::new(state.tokens_file()));
+    let fleet = Fleet::new(store, cluster, cas, tokens, audit);
+    let app = Arc::new(App::new(fleet, renderer, state.clone(), opts.limits.failures_per_minute));
     let listener = TcpListener::bind(opts.listen).await.with_context(|| format!("cannot listen on {}", opts.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!("enrollment server on https://{addr} (store: {describe})");
-    let (shutdown, mut stop) = tokio::sync::watch::channel(false);
+    let (shutdown, stop) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
     let boot_addr = match &opts.boot {
         None => None,
         Some((listen, dir)) => {
@@ -132,89 +135,50 @@ pub async fn start(state: &State, opts: &ServeOptions) -> Result<Running> {
             let a = l.local_addr()?;
             tracing::info!("PXE boot files on http://{a} from {}", dir.display());
             let router = boot::router(Arc::new(boot::BootFiles { app: app.clone(), dir: dir.clone() }));
-            let mut stop = shutdown.subscribe();
-            tokio::spawn(async move {
-                let _ = axum::serve(l, router)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.changed().await;
-                    })
-                    .await;
-            });
+            let peer = |remote: SocketAddr, _: Option<&rustls::ServerConnection>| remote;
+            tasks.push(tokio::spawn(conn::serve(l, None, router, opts.limits, peer, stop.clone())));
             Some(a)
         }
     };
-    let router = api::router(app.clone());
+    let peer = move |remote: SocketAddr, tls: Option<&rustls::ServerConnection>| {
+        let client =
+            tls.and_then(|c| c.peer_certificates()).and_then(|c| c.first()).and_then(|c| classify(c, &enroll_subject));
+        Peer::new(remote, client, tls.and_then(channel_binding))
+    };
     let acceptor = TlsAcceptor::from(Arc::new(tls));
-    let task = tokio::spawn(async move {
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        loop {
-            let (tcp, remote) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!("accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = stop.changed() => break,
-            };
-            let _ = tcp.set_nodelay(true);
-            let (acceptor, router) = (acceptor.clone(), router.clone());
-            let (enroll_subject, cluster_subject) = (enroll_subject.clone(), cluster_subject.clone());
-            let watcher = graceful.watcher();
-            tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!("TLS handshake with {remote}: {e}");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-                let client = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|c| classify(c, &enroll_subject, &cluster_subject));
-                let peer = Peer::new(remote, client);
-                let svc = router.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(peer.clone());
-                    req
-                });
-                let svc = hyper_util::service::TowerToHyperService::new(svc);
-                let builder = auto::Builder::new(TokioExecutor::new());
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
-                if let Err(e) = watcher.watch(conn.into_owned()).await {
-                    tracing::debug!("connection {remote}: {e}");
-                }
-            });
-        }
-        drop(listener);
-        if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
-            tracing::warn!("some connections did not finish within {DRAIN:?}");
-        }
-    });
-    Ok(Running { addr, boot_addr, shutdown, task, app })
+    tasks.push(tokio::spawn(conn::serve(listener, Some(acceptor), api::router(app.clone()), opts.limits, peer, stop)));
+    Ok(Running { addr, boot_addr, shutdown, tasks, app })
+}
+
+/// The connection's RFC 9266 tls-exporter value, as a CSR carries it (see [`proto::wire`]).
+fn channel_binding(tls: &rustls::ServerConnection) -> Option<String> {
+    let mut out = [0u8; proto::wire::CHANNEL_BINDING_LEN];
+    tls.export_keying_material(&mut out, proto::wire::CHANNEL_BINDING_LABEL, None).ok()?;
+    Some(proto::wire::channel_binding_text(&out))
 }
 
 fn subject_raw(der: &[u8]) -> Vec<u8> {
     x509_parser::parse_x509_certificate(der).map(|(_, c)| c.subject().as_raw().to_vec()).unwrap_or_default()
 }
 
-/// Tells node certificates (enrollment CA) from admin ones (cluster CA, `system:masters`).
-fn classify(der: &[u8], enroll_subject: &[u8], cluster_subject: &[u8]) -> Option<Client> {
+/// Who a client certificate (verified against the enrollment CA in the handshake) is: the
+/// operator (`O=imgbuild:admins`, the state dir's admin identity) or a node (CN = its name).
+fn classify(der: &[u8], enroll_subject: &[u8]) -> Option<Client> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let issuer = cert.issuer().as_raw();
-    if issuer == enroll_subject {
-        return Client::node(&cert);
+    if cert.issuer().as_raw() != enroll_subject {
+        return None;
     }
-    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
-    let masters = cert.subject().iter_organization().any(|o| o.as_str() == Ok("system:masters"));
-    (issuer == cluster_subject && masters).then_some(Client::Admin { name: cn })
+    let admin = cert.subject().iter_organization().any(|o| o.as_str() == Ok(crate::pki::ADMIN_ORGANIZATION));
+    if admin {
+        let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+        return Some(Client::Admin { name: cn });
+    }
+    Client::node(&cert)
 }
 
+/// TLS 1.3 only (the channel binding is the RFC 9266 exporter, defined for 1.3); client
+/// certificates from the enrollment CA alone: nodes and the operator's admin identity. A
+/// cluster-CA certificate (`system:masters` or not) is nobody here.
 fn server_tls(state: &State, cas: &Cas) -> Result<rustls::ServerConfig> {
     use proto::tls::{certs_from_pem, key_from_pem, provider};
     let read =
@@ -224,21 +188,19 @@ fn server_tls(state: &State, cas: &Cas) -> Result<rustls::ServerConfig> {
     chain.extend(certs_from_pem(&cas.cluster.cert_pem, "cluster CA")?);
     let key = key_from_pem(&read(state.serve_key())?, "serve key")?;
     let mut roots = RootCertStore::empty();
-    for ca in [&cas.enrollment, &cas.cluster] {
-        for c in certs_from_pem(&ca.cert_pem, "client CA")? {
-            roots.add(c)?;
-        }
+    for c in certs_from_pem(&cas.enrollment.cert_pem, "enrollment CA")? {
+        roots.add(c)?;
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .allow_unauthenticated()
         .build()
         .context("client certificate verifier")?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .context("the serve certificate and key do not match")?;
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     // Clients never resume (see proto::tls): tickets would be made, sent and stored for nothing.
     cfg.send_tls13_tickets = 0;
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});

@@ -26,13 +26,14 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
-use super::fleet::{ApiError, Fleet, NodeRecord};
+use super::fleet::ApiError;
+use super::fleet::records::NodeRecord;
 use crate::cluster::{Cluster, KubeVersion};
 use crate::kube;
 use crate::pki::{CaKind, NodeIdentity, leaf_spec};
 use crate::state::State;
 use crate::templates;
-use crate::tokens::DEFAULT_NODE_GROUP;
+use crate::tokens::{DEFAULT_NODE_GROUP, TokenRecord};
 
 /// Rendered when a node sends no image information and the cluster pins no version.
 pub const DEFAULT_KUBERNETES: &str = "v1.34.7";
@@ -78,6 +79,8 @@ struct MasterSecret {
 pub struct Renderer {
     cluster: Cluster,
     ca_pems: Vec<(CaKind, String)>,
+    /// The cluster CA's pin, as nodes check `cluster-info` against it.
+    ca_pin: proto::pin::CaPin,
     master_secrets: Vec<MasterSecret>,
 }
 
@@ -129,23 +132,16 @@ impl Renderer {
         ] {
             master_secrets.push(MasterSecret { node_path, contents: read(&pki.join(rel))? });
         }
-        Ok(Renderer { cluster: cluster.clone(), ca_pems, master_secrets })
+        let ca_pin = proto::pin::CaPin::of_cert_pem(&ca_pems[0].1).context("the cluster CA certificate")?;
+        Ok(Renderer { cluster: cluster.clone(), ca_pems, ca_pin, master_secrets })
     }
 
     fn ca_pem(&self, kind: CaKind) -> &str {
         &self.ca_pems.iter().find(|(k, _)| *k == kind).expect("loaded at start").1
     }
 
-    fn join_token(fleet: &Fleet) -> Result<proto::BootstrapToken, ApiError> {
-        let tokens = fleet.tokens()?;
-        crate::tokens::join_token(&tokens, OffsetDateTime::now_utc()).map(|t| t.token.clone()).ok_or_else(|| {
-            ApiError::new(ErrorCode::Internal, "no valid join token: run `imgbuild init --rotate join-token`")
-        })
-    }
-
     /// The objects the first master applies: join token Secret, node-bootstrap RBAC, cluster-info.
-    pub fn cluster_objects(&self, fleet: &Fleet) -> Vec<Value> {
-        let tokens = fleet.tokens().unwrap_or_default();
+    pub fn cluster_objects(&self, tokens: &[TokenRecord]) -> Vec<Value> {
         let now = OffsetDateTime::now_utc();
         let mut objects: Vec<Value> = tokens
             .iter()
@@ -169,7 +165,8 @@ impl Renderer {
         )
     }
 
-    pub async fn node_config(&self, fleet: &Fleet, node: &NodeRecord) -> Result<NodeConfig, ApiError> {
+    /// A bound node's config, with the current join token among `tokens`.
+    pub fn node_config(&self, node: &NodeRecord, tokens: &[TokenRecord]) -> Result<NodeConfig, ApiError> {
         let version_text = node
             .image
             .as_ref()
@@ -184,25 +181,26 @@ impl Renderer {
             .as_ref()
             .and_then(|i| i.components.get("containerd"))
             .is_some_and(|v| v.trim_start_matches('v').starts_with('2'));
-        let inputs =
-            NodeInputs { version, containerd2, join_token: Self::join_token(fleet)?, ca_pin: fleet.cas.cluster.pin() };
+        let join_token =
+            crate::tokens::join_token(tokens, OffsetDateTime::now_utc()).map(|t| t.token.clone()).ok_or_else(|| {
+                ApiError::new(ErrorCode::Internal, "no valid join token: run `imgbuild init --rotate join-token`")
+            })?;
+        let inputs = NodeInputs { version, containerd2, join_token, ca_pin: self.ca_pin };
         self.render(&node.identity(), node.pod_index, &inputs)
     }
 
     /// Renders a node's config from what the server knows: the node's name, role and address,
-    /// its pod range, and the inputs (pure: golden tests call this).
+    /// its pod range, and the inputs (pure: golden tests call this). Each role's part adds its
+    /// files, units, sysctls and modules to one [`Parts`].
     pub fn render(&self, node: &NodeIdentity, pod_index: usize, inputs: &NodeInputs) -> Result<NodeConfig, ApiError> {
         let c = &self.cluster;
         let v = Versioned::of(inputs.version);
-        let inventory = c.node(&node.name);
         let node_ip = node.ip.map(|ip| ip.to_string());
         let pod_cidr = c.networks.node_pod_cidr(pod_index).map(|n| n.to_string()).unwrap_or_default();
         let master = node.role == Role::Master;
-        let etcd_member = c.etcd_members().any(|m| m.name == node.name);
         let taint = master.then(|| format!("{}:NoSchedule", v.control_plane_taint));
-        let vip_url = c.api.url();
-        // Built once; the per-template additions below are layered over it, not copies of it.
-        let node_ctx = minijinja::context! {
+        // Built once; the per-template additions are layered over it, not copies of it.
+        let ctx = minijinja::context! {
             node => node.name, role => node.role, node_ip => node_ip, cluster => c.name, v => v,
             cluster_dns => c.networks.cluster_dns.to_string(), dns_domain => c.networks.dns_domain,
             pod_cidr => c.networks.pod_cidr.to_string(), service_cidr => c.networks.service_cidr.to_string(),
@@ -210,127 +208,36 @@ impl Renderer {
             containerd2 => inputs.containerd2, systemd_cgroup => v.cgroup_driver == "systemd",
             pause_image => PAUSE_IMAGE,
         };
-        let mut files = vec![file(paths::CA_CERT, 0o644, self.ca_pem(CaKind::Cluster))];
-        let mut units = Vec::new();
-        let mut sysctls = BTreeMap::from([
-            ("net.ipv4.ip_forward".to_string(), "1".to_string()),
-            ("net.bridge.bridge-nf-call-iptables".to_string(), "1".to_string()),
-            ("net.bridge.bridge-nf-call-ip6tables".to_string(), "1".to_string()),
-        ]);
-        let mut modules: Vec<String> =
-            ["overlay", "br_netfilter", "ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_sh", "nf_conntrack"]
+        let mut p = Parts {
+            files: vec![file(paths::CA_CERT, 0o644, self.ca_pem(CaKind::Cluster))],
+            units: Vec::new(),
+            sysctls: BTreeMap::from([
+                ("net.ipv4.ip_forward".to_string(), "1".to_string()),
+                ("net.bridge.bridge-nf-call-iptables".to_string(), "1".to_string()),
+                ("net.bridge.bridge-nf-call-ip6tables".to_string(), "1".to_string()),
+            ]),
+            modules: ["overlay", "br_netfilter", "ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_sh", "nf_conntrack"]
                 .map(String::from)
-                .to_vec();
+                .to_vec(),
+        };
         let kubelet = node.role != Role::Etcd;
-
         if kubelet {
-            // Routes to the pod ranges of the other nodes the inventory knows the address of.
-            let routes: Vec<Value> = c
-                .nodes
-                .iter()
-                .enumerate()
-                .filter(|(_, n)| n.name != node.name && n.role != Role::Etcd)
-                .filter_map(|(i, n)| {
-                    c.networks.node_pod_cidr(i).map(|cidr| json!({"cidr": cidr.to_string(), "via": n.ip().to_string()}))
-                })
-                .collect();
-            let rctx = minijinja::context! { routes => routes, ..node_ctx.clone() };
-            files.push(unit_file("imgbuild-pod-routes.service", &rctx)?);
-            files.push(rendered(paths::CONTAINERD_CONFIG, "node/containerd-config.toml", &node_ctx)?);
-            files.push(rendered(paths::CNI_CONFIG, "node/cni.conflist", &node_ctx)?);
-            files.push(rendered(paths::KUBELET_CONFIG, "node/kubelet-config.yaml", &node_ctx)?);
-            files.push(unit_file("kubelet.service", &node_ctx)?);
-            for mode in ["ipvs", "iptables"] {
-                let pctx = minijinja::context! { mode => mode, ..node_ctx.clone() };
-                files.push(rendered(&paths::kube_proxy_config(mode), "node/kube-proxy-config.yaml", &pctx)?);
-            }
-            files.push(unit_file("kube-proxy.service", &node_ctx)?);
-            files.push(file(
-                paths::KUBE_PROXY_KUBECONFIG,
-                0o600,
-                self.kubeconfig(&vip_url, "system:kube-proxy", CertPurpose::KubeProxy),
-            ));
-            units.extend([
-                unit("containerd.service", true, true),
-                unit("imgbuild-pod-routes.service", true, false),
-                unit("kube-proxy.service", true, false),
-                // Started by the join phase, once the bootstrap kubeconfig is in place.
-                UnitSpec { name: "kubelet.service".into(), enable: true, start: false, restart: false },
-            ]);
+            self.kubelet_part(node, &ctx, &mut p)?;
         }
+        let etcd_member = c.etcd_members().any(|m| m.name == node.name);
         if etcd_member {
-            let initial: Vec<String> =
-                c.etcd_members().map(|m| format!("{}=https://{}:2380", m.name, m.ip())).collect();
-            let ectx = minijinja::context! { initial_cluster => initial.join(","), ..node_ctx.clone() };
-            files.push(file(paths::ETCD_CA_CERT, 0o644, self.ca_pem(CaKind::Etcd)));
-            files.push(unit_file("etcd.service", &ectx)?);
-            units.insert(0, unit("etcd.service", true, true));
+            self.etcd_part(&ctx, &mut p)?;
         }
         if master {
-            let node_ip = node_ip
-                .clone()
-                .ok_or_else(|| ApiError::new(ErrorCode::Internal, format!("master {} has no address", node.name)))?;
-            let local = format!("https://{node_ip}:6443");
-            let etcd_servers: Vec<String> = c.etcd_members().map(|m| format!("https://{}:2379", m.ip())).collect();
-            let masters: Vec<Value> = c.masters().map(|m| json!({"name": m.name, "ip": m.ip().to_string()})).collect();
-            let position = c.masters().position(|m| m.name == node.name).unwrap_or(0);
-            let peers: Vec<Value> = masters.iter().filter(|m| m["name"] != node.name.as_str()).cloned().collect();
-            let mctx = minijinja::context! {
-                etcd_servers => etcd_servers.join(","),
-                masters => masters,
-                peers => peers,
-                priority => 150 - 10 * position as i64,
-                router_id => u64::from(crate::digest::sha256_hex(c.name.as_bytes()).as_bytes()[0]) % 254 + 1,
-                prefix => inventory.map_or(24, |n| n.address.prefix_len()),
-                ..node_ctx.clone()
-            };
-            if !etcd_member {
-                files.push(file(paths::ETCD_CA_CERT, 0o644, self.ca_pem(CaKind::Etcd)));
-            }
-            files.push(file(paths::FRONT_PROXY_CA_CERT, 0o644, self.ca_pem(CaKind::FrontProxy)));
-            for s in &self.master_secrets {
-                files.push(file(s.node_path, 0o600, &s.contents));
-            }
-            files.push(unit_file("kube-apiserver.service", &mctx)?);
-            files.push(unit_file("kube-controller-manager.service", &mctx)?);
-            files.push(unit_file("kube-scheduler.service", &mctx)?);
-            files.push(rendered(paths::SCHEDULER_CONFIG, "node/kube-scheduler.yaml", &mctx)?);
-            files.push(rendered(paths::HAPROXY_CONFIG, "node/haproxy.cfg", &mctx)?);
-            let mut keepalived = rendered(paths::KEEPALIVED_CONFIG, "node/keepalived.conf", &mctx)?;
-            keepalived.expand = true;
-            files.push(keepalived);
-            files.push(file(
-                paths::CONTROLLER_MANAGER_KUBECONFIG,
-                0o600,
-                self.kubeconfig(&local, "system:kube-controller-manager", CertPurpose::ControllerManager),
-            ));
-            files.push(file(
-                paths::SCHEDULER_KUBECONFIG,
-                0o600,
-                self.kubeconfig(&local, "system:kube-scheduler", CertPurpose::Scheduler),
-            ));
-            files.push(file(
-                paths::ADMIN_KUBECONFIG,
-                0o600,
-                self.kubeconfig(&vip_url, "kubernetes-admin", CertPurpose::Admin),
-            ));
-            // haproxy binds the VIP on every master, also where keepalived has not put it.
-            sysctls.insert("net.ipv4.ip_nonlocal_bind".into(), "1".into());
-            units.extend([
-                unit("kube-apiserver.service", true, true),
-                unit("kube-controller-manager.service", true, true),
-                unit("kube-scheduler.service", true, true),
-                unit("haproxy.service", true, true),
-                unit("keepalived.service", true, true),
-            ]);
+            self.master_part(node, etcd_member, &ctx, &mut p)?;
         }
         if !kubelet {
-            modules.retain(|m| m == "overlay");
+            p.modules.retain(|m| m == "overlay");
         }
+        let Parts { mut files, units, sysctls, modules } = p;
         let sctx = minijinja::context! { sysctls => sysctls, modules => modules };
         files.push(rendered(paths::SYSCTL_CONFIG, "node/sysctl.conf", &sctx)?);
         files.push(rendered(paths::MODULES_CONFIG, "node/modules.conf", &sctx)?);
-
         let certs = CertPurpose::ALL
             .into_iter()
             .filter(|p| leaf_spec(*p, c, node).is_some())
@@ -339,7 +246,151 @@ impl Renderer {
                 CertSpec { purpose, key_path: key_path.into(), cert_path: cert_path.into(), owner: None }
             })
             .collect();
-        let join = kubelet.then(|| JoinSpec {
+        Ok(NodeConfig {
+            node: NodeAssignment { name: node.name.clone(), role: node.role },
+            kubernetes_version: inputs.version.to_string(),
+            host: HostSetup {
+                hostname: node.name.clone(),
+                sysctls,
+                modules,
+                swap_off: kubelet,
+                data_disks: vec![],
+                network: None,
+                interface_mac: c.node(&node.name).and_then(|n| n.mac.as_ref()).map(ToString::to_string),
+                interface_address: node_ip,
+            },
+            files,
+            certs,
+            units,
+            join: kubelet.then(|| self.join_spec(node, inputs)),
+        })
+    }
+
+    /// Every node with a kubelet: the container runtime, CNI, kubelet and kube-proxy, and routes
+    /// to the other nodes' pod ranges.
+    fn kubelet_part(&self, node: &NodeIdentity, ctx: &minijinja::Value, p: &mut Parts) -> Result<(), ApiError> {
+        let c = &self.cluster;
+        // Routes to the pod ranges of the other nodes the inventory knows the address of.
+        let routes: Vec<Value> = c
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.name != node.name && n.role != Role::Etcd)
+            .filter_map(|(i, n)| {
+                c.networks.node_pod_cidr(i).map(|cidr| json!({"cidr": cidr.to_string(), "via": n.ip().to_string()}))
+            })
+            .collect();
+        let rctx = minijinja::context! { routes => routes, ..ctx.clone() };
+        p.files.push(unit_file("imgbuild-pod-routes.service", &rctx)?);
+        p.files.push(rendered(paths::CONTAINERD_CONFIG, "node/containerd-config.toml", ctx)?);
+        p.files.push(rendered(paths::CNI_CONFIG, "node/cni.conflist", ctx)?);
+        p.files.push(rendered(paths::KUBELET_CONFIG, "node/kubelet-config.yaml", ctx)?);
+        p.files.push(unit_file("kubelet.service", ctx)?);
+        for mode in ["ipvs", "iptables"] {
+            let pctx = minijinja::context! { mode => mode, ..ctx.clone() };
+            p.files.push(rendered(&paths::kube_proxy_config(mode), "node/kube-proxy-config.yaml", &pctx)?);
+        }
+        p.files.push(unit_file("kube-proxy.service", ctx)?);
+        p.files.push(file(
+            paths::KUBE_PROXY_KUBECONFIG,
+            0o600,
+            self.kubeconfig(&c.api.url(), "system:kube-proxy", CertPurpose::KubeProxy),
+        ));
+        p.units.extend([
+            unit("containerd.service", true, true),
+            unit("imgbuild-pod-routes.service", true, false),
+            unit("kube-proxy.service", true, false),
+            // Started by the join phase, once the bootstrap kubeconfig is in place.
+            UnitSpec { name: "kubelet.service".into(), enable: true, start: false, restart: false },
+        ]);
+        Ok(())
+    }
+
+    /// An etcd member: its unit with the initial cluster, first among the units.
+    fn etcd_part(&self, ctx: &minijinja::Value, p: &mut Parts) -> Result<(), ApiError> {
+        let c = &self.cluster;
+        let initial: Vec<String> = c.etcd_members().map(|m| format!("{}=https://{}:2380", m.name, m.ip())).collect();
+        let ectx = minijinja::context! { initial_cluster => initial.join(","), ..ctx.clone() };
+        p.files.push(file(paths::ETCD_CA_CERT, 0o644, self.ca_pem(CaKind::Etcd)));
+        p.files.push(unit_file("etcd.service", &ectx)?);
+        p.units.insert(0, unit("etcd.service", true, true));
+        Ok(())
+    }
+
+    /// A master: the control plane, haproxy and keepalived for the VIP, the CA keys and the
+    /// components' kubeconfigs.
+    fn master_part(
+        &self,
+        node: &NodeIdentity,
+        etcd_member: bool,
+        ctx: &minijinja::Value,
+        p: &mut Parts,
+    ) -> Result<(), ApiError> {
+        let c = &self.cluster;
+        let node_ip = node
+            .ip
+            .map(|ip| ip.to_string())
+            .ok_or_else(|| ApiError::new(ErrorCode::Internal, format!("master {} has no address", node.name)))?;
+        let local = format!("https://{node_ip}:6443");
+        let etcd_servers: Vec<String> = c.etcd_members().map(|m| format!("https://{}:2379", m.ip())).collect();
+        let masters: Vec<Value> = c.masters().map(|m| json!({"name": m.name, "ip": m.ip().to_string()})).collect();
+        let position = c.masters().position(|m| m.name == node.name).unwrap_or(0);
+        let peers: Vec<Value> = masters.iter().filter(|m| m["name"] != node.name.as_str()).cloned().collect();
+        let mctx = minijinja::context! {
+            etcd_servers => etcd_servers.join(","),
+            masters => masters,
+            peers => peers,
+            priority => 150 - 10 * position as i64,
+            router_id => u64::from(crate::digest::sha256_hex(c.name.as_bytes()).as_bytes()[0]) % 254 + 1,
+            prefix => c.node(&node.name).map_or(24, |n| n.address.prefix_len()),
+            ..ctx.clone()
+        };
+        if !etcd_member {
+            p.files.push(file(paths::ETCD_CA_CERT, 0o644, self.ca_pem(CaKind::Etcd)));
+        }
+        p.files.push(file(paths::FRONT_PROXY_CA_CERT, 0o644, self.ca_pem(CaKind::FrontProxy)));
+        for s in &self.master_secrets {
+            p.files.push(file(s.node_path, 0o600, &s.contents));
+        }
+        p.files.push(unit_file("kube-apiserver.service", &mctx)?);
+        p.files.push(unit_file("kube-controller-manager.service", &mctx)?);
+        p.files.push(unit_file("kube-scheduler.service", &mctx)?);
+        p.files.push(rendered(paths::SCHEDULER_CONFIG, "node/kube-scheduler.yaml", &mctx)?);
+        p.files.push(rendered(paths::HAPROXY_CONFIG, "node/haproxy.cfg", &mctx)?);
+        let mut keepalived = rendered(paths::KEEPALIVED_CONFIG, "node/keepalived.conf", &mctx)?;
+        keepalived.expand = true;
+        p.files.push(keepalived);
+        for (path, user, purpose, server) in [
+            (
+                paths::CONTROLLER_MANAGER_KUBECONFIG,
+                "system:kube-controller-manager",
+                CertPurpose::ControllerManager,
+                &local,
+            ),
+            (paths::SCHEDULER_KUBECONFIG, "system:kube-scheduler", CertPurpose::Scheduler, &local),
+            (paths::ADMIN_KUBECONFIG, "kubernetes-admin", CertPurpose::Admin, &c.api.url()),
+        ] {
+            p.files.push(file(path, 0o600, self.kubeconfig(server, user, purpose)));
+        }
+        // haproxy binds the VIP on every master, also where keepalived has not put it.
+        p.sysctls.insert("net.ipv4.ip_nonlocal_bind".into(), "1".into());
+        p.units.extend([
+            unit("kube-apiserver.service", true, true),
+            unit("kube-controller-manager.service", true, true),
+            unit("kube-scheduler.service", true, true),
+            unit("haproxy.service", true, true),
+            unit("keepalived.service", true, true),
+        ]);
+        Ok(())
+    }
+
+    /// How a node with a kubelet joins: TLS bootstrap through the VIP; masters first wait for
+    /// their control plane and label themselves.
+    fn join_spec(&self, node: &NodeIdentity, inputs: &NodeInputs) -> JoinSpec {
+        let c = &self.cluster;
+        let vip_url = c.api.url();
+        let master = node.role == Role::Master;
+        JoinSpec {
             api_server: vip_url.clone(),
             node_name: node.name.clone(),
             token: inputs.join_token.clone(),
@@ -370,32 +421,22 @@ impl Renderer {
                     etcd_ca: paths::ETCD_CA_CERT.into(),
                     etcd_cert: etcd_cert.into(),
                     etcd_key: etcd_key.into(),
-                    apiserver_url: format!("https://{}:6443", node_ip.clone().unwrap_or_default()),
+                    apiserver_url: format!("https://{}:6443", node.ip.map(|ip| ip.to_string()).unwrap_or_default()),
                     ca: paths::CA_CERT.into(),
                     admin_cert: admin_cert.into(),
                     admin_key: admin_key.into(),
                 }
             }),
-        });
-        Ok(NodeConfig {
-            node: NodeAssignment { name: node.name.clone(), role: node.role },
-            kubernetes_version: inputs.version.to_string(),
-            host: HostSetup {
-                hostname: node.name.clone(),
-                sysctls,
-                modules,
-                swap_off: kubelet,
-                data_disks: vec![],
-                network: None,
-                interface_mac: inventory.and_then(|n| n.mac.as_ref()).map(ToString::to_string),
-                interface_address: node_ip,
-            },
-            files,
-            certs,
-            units,
-            join,
-        })
+        }
     }
+}
+
+/// What a node's config is assembled from, part by part.
+struct Parts {
+    files: Vec<FileSpec>,
+    units: Vec<UnitSpec>,
+    sysctls: BTreeMap<String, String>,
+    modules: Vec<String>,
 }
 
 /// What a node's config depends on besides the cluster and the node record.

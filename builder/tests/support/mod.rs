@@ -108,17 +108,91 @@ pub fn node_root(dir: &Path, mac: &str) -> PathBuf {
     root
 }
 
-/// The payload a node of `role` gets, pointing at `server`.
+/// The payload `imgbuild payload --role ROLE` hands out (a worker's carries the worker token,
+/// a master's none), pointing at `server`.
 pub fn payload(st: &imgbuild::state::State, role: proto::Role, server: &str) -> proto::bootcfg::BootConfig {
-    let now = time::OffsetDateTime::now_utc();
-    let tokens = st.tokens().unwrap();
-    proto::bootcfg::BootConfig {
-        version: proto::bootcfg::BOOT_CONFIG_VERSION,
-        servers: vec![server.to_string()],
-        ca_pin: st.ca(imgbuild::pki::CaKind::Cluster).unwrap().pin(),
-        token: tokens.enrollment_token(role, now).unwrap().token.clone(),
-        role,
-        network: None,
+    let cluster = st.cluster().unwrap();
+    let target = imgbuild::payload::Target { role, node: None };
+    let cfg = imgbuild::payload::boot_config(st, &cluster, &target).unwrap();
+    proto::bootcfg::BootConfig { servers: vec![server.to_string()], ..cfg }
+}
+
+/// The payload of inventory node `name` (`imgbuild payload --node NAME`): its own credential.
+pub fn node_payload(st: &imgbuild::state::State, name: &str, server: &str) -> proto::bootcfg::BootConfig {
+    let cluster = st.cluster().unwrap();
+    let node = cluster.node(name).unwrap();
+    let target = imgbuild::payload::Target { role: node.role, node: Some(node) };
+    let cfg = imgbuild::payload::boot_config(st, &cluster, &target).unwrap();
+    // The tests' machines have no NIC to configure.
+    proto::bootcfg::BootConfig { servers: vec![server.to_string()], network: None, ..cfg }
+}
+
+/// One TLS 1.3 connection to `imgbuild serve`, written to byte by byte as an attacker (or a
+/// careful test) would: raw HTTP/1.1, the connection's own channel binding at hand.
+pub struct RawTls(pub tokio_rustls::client::TlsStream<tokio::net::TcpStream>);
+
+impl RawTls {
+    /// A connection that trusts the server under `pin`, presenting `client` (cert, key) if given.
+    pub async fn open(addr: std::net::SocketAddr, pin: proto::pin::CaPin, client: Option<(&str, &str)>) -> Self {
+        let identity = proto::tls::ClientIdentity::from_pem(client).unwrap();
+        let cfg = proto::tls::pinned_client_config(pin, identity).unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        RawTls(tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(name, tcp).await.unwrap())
+    }
+
+    /// This connection's RFC 9266 channel binding, as a CSR must carry it.
+    pub fn binding(&self) -> String {
+        let mut out = [0u8; proto::wire::CHANNEL_BINDING_LEN];
+        self.0.get_ref().1.export_keying_material(&mut out, proto::wire::CHANNEL_BINDING_LABEL, None).unwrap();
+        proto::wire::channel_binding_text(&out)
+    }
+
+    /// Status and body of one request.
+    pub async fn call(&mut self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        self.0.write_all(&[head.as_bytes(), body].concat()).await.unwrap();
+        self.0.flush().await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(self.0.read_u8().await.unwrap());
+        }
+        let head = String::from_utf8(head).unwrap();
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let len = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        self.0.read_exact(&mut body).await.unwrap();
+        (status, String::from_utf8(body).unwrap())
+    }
+
+    /// `POST /v1/enroll` of this request, its CSR made for this connection unless `csr` is given.
+    pub async fn enroll(
+        &mut self,
+        token: Option<&proto::BootstrapToken>,
+        macs: &[&str],
+        key: &rcgen::KeyPair,
+        csr: Option<String>,
+    ) -> (u16, String) {
+        let csr = csr.unwrap_or_else(|| firstboot::agent::csr(key, Some(&self.binding())).unwrap());
+        let req = proto::wire::EnrollRequest {
+            protocol: proto::wire::PROTOCOL_VERSION,
+            token: token.cloned(),
+            identity: proto::wire::MachineIdentity {
+                uuid: None,
+                serial: None,
+                macs: macs.iter().map(|m| m.to_string()).collect(),
+            },
+            image: None,
+            csr,
+        };
+        self.call("POST", proto::wire::PATH_ENROLL, &serde_json::to_vec(&req).unwrap()).await
     }
 }
 
@@ -144,6 +218,11 @@ pub struct ServeProcess {
 
 impl ServeProcess {
     pub fn start(state: &Path, listen: &str, netns: Option<&str>) -> ServeProcess {
+        Self::start_with(state, listen, netns, &[])
+    }
+
+    /// With more `imgbuild serve` options (limits, the boot listener).
+    pub fn start_with(state: &Path, listen: &str, netns: Option<&str>, extra: &[&str]) -> ServeProcess {
         let _ = std::fs::remove_file(state.join("serve.json"));
         let imgbuild = env!("CARGO_BIN_EXE_imgbuild");
         let mut cmd = match netns {
@@ -157,6 +236,7 @@ impl ServeProcess {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(state.join("serve.log")).unwrap();
         let child = cmd
             .args(["--state", state.to_str().unwrap(), "serve", "--listen", listen])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -171,7 +251,7 @@ impl ServeProcess {
     }
 
     /// `imgbuild nodes --json` against this server.
-    pub fn nodes(&self) -> Vec<imgbuild::serve::fleet::NodeStatus> {
+    pub fn nodes(&self) -> Vec<proto::wire::NodeStatus> {
         let out = Command::new(env!("CARGO_BIN_EXE_imgbuild"))
             .args(["--state", self.state.to_str().unwrap(), "nodes", "--json", "--server", &self.url])
             .output()

@@ -14,14 +14,8 @@ use proto::wire::*;
 pub struct Sim {
     pub servers: Vec<String>,
     pub pin: CaPin,
-    pub token: BootstrapToken,
+    pub token: Option<BootstrapToken>,
     pub deadline: Duration,
-}
-
-fn csr(key: &rcgen::KeyPair) -> String {
-    let mut p = rcgen::CertificateParams::default();
-    p.distinguished_name = rcgen::DistinguishedName::new();
-    p.serialize_request(key).unwrap().pem().unwrap()
 }
 
 pub fn mac(i: usize) -> String {
@@ -29,16 +23,15 @@ pub fn mac(i: usize) -> String {
     format!("52:54:01:{:02x}:{:02x}:{:02x}", b[1], b[2], b[3])
 }
 
-/// A machine's enrollment key and CSR, made before it talks to the server.
+/// A machine's enrollment key, made before it talks to the server (its CSR is made on the
+/// connection it goes on: it carries that connection's channel binding).
 pub struct Prepared {
-    pub key_pem: String,
-    pub csr: String,
+    pub key: rcgen::KeyPair,
 }
 
 impl Prepared {
     pub fn new() -> Self {
-        let key = rcgen::KeyPair::generate().unwrap();
-        Prepared { csr: csr(&key), key_pem: key.serialize_pem() }
+        Prepared { key: rcgen::KeyPair::generate().unwrap() }
     }
 }
 
@@ -67,13 +60,21 @@ impl Sim {
     }
 
     pub async fn enroll_prepared(&self, identity: MachineIdentity, p: Prepared) -> Result<Enrolled, CallError> {
-        let req =
-            EnrollRequest { protocol: PROTOCOL_VERSION, token: self.token.clone(), identity, image: None, csr: p.csr };
         let client = self.client(None);
-        let resp: EnrollResponse = client.post(PATH_ENROLL, &req).await?;
+        let resp: EnrollResponse = client
+            .post_bound(PATH_ENROLL, |binding| {
+                Ok(EnrollRequest {
+                    protocol: PROTOCOL_VERSION,
+                    token: self.token.clone(),
+                    identity: identity.clone(),
+                    image: None,
+                    csr: firstboot::agent::csr(&p.key, Some(binding)).map_err(|e| e.to_string())?,
+                })
+            })
+            .await?;
         let cert = resp.client_cert.expect("enrolled");
         let node = resp.node.expect("enrolled").name;
-        client.present(&cert, &p.key_pem).unwrap();
+        client.present(&cert, &p.key.serialize_pem()).unwrap();
         Ok(Enrolled { node, client })
     }
 }
@@ -87,7 +88,10 @@ impl Enrolled {
     pub async fn sign(&self, purposes: &[CertPurpose]) -> Result<SignResponse, CallError> {
         let csrs = purposes
             .iter()
-            .map(|p| CsrRequest { purpose: *p, csr: csr(&rcgen::KeyPair::generate().unwrap()) })
+            .map(|p| CsrRequest {
+                purpose: *p,
+                csr: firstboot::agent::csr(&rcgen::KeyPair::generate().unwrap(), None).unwrap(),
+            })
             .collect();
         self.client.post(PATH_SIGN, &SignRequest { csrs }).await
     }
@@ -98,6 +102,7 @@ impl Enrolled {
             phase,
             status: PhaseStatus::Succeeded,
             message: message.to_string(),
+            code: None,
             started_at: now,
             at: now,
             boot_id: None,

@@ -1,20 +1,33 @@
 //! firstboot's HTTPS client for `imgbuild serve`: servers tried in order, the server trusted only
 //! under the pinned CA, retries with exponential backoff and jitter until an overall deadline.
 //!
-//! One client serves a node's whole run. It enrolls with the token and no certificate; the server
-//! then treats that connection as the node's, and [`Client::present`] makes every later
-//! connection show the certificate enrollment returned.
+//! One client serves a node's whole run, over one TLS 1.3 connection while it lasts (hyper on
+//! tokio-rustls, so that the connection's exporter is at hand: see [`Client::post_bound`]). It
+//! enrolls with a CSR bound to that connection; the server then treats the connection as the
+//! node's, and [`Client::present`] makes every later connection show the certificate enrollment
+//! returned. Only `https://` servers: the pin is a TLS check, and a credential never travels in
+//! clear.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use proto::pin::CaPin;
+use proto::tls::ClientIdentity;
+use proto::wire::{CHANNEL_BINDING_LABEL, CHANNEL_BINDING_LEN, ErrorBody, ErrorCode, channel_binding_text};
 use ring::rand::{SecureRandom, SystemRandom};
+use rustls::pki_types::ServerName;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use proto::pin::CaPin;
-use proto::tls::ClientIdentity;
-use proto::wire::{ErrorBody, ErrorCode};
+/// A request's whole time, and a connection's setup time.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest answer read (a master's config with its CA keys is ~60 KiB).
+const MAX_RESPONSE: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -23,7 +36,7 @@ pub enum CallError {
     /// The server's certificate is not acceptable: retrying cannot help.
     #[error("refusing the enrollment server: {0}")]
     Untrusted(String),
-    #[error("the enrollment server refused ({status}, {code:?}): {message}", code = .body.code, message = .body.error)]
+    #[error("the enrollment server refused ({status}, {code}): {message}", code = .body.code.as_str(), message = .body.error)]
     Api { status: u16, body: ErrorBody },
     #[error("unexpected answer from the enrollment server: {0}")]
     Decode(String),
@@ -70,20 +83,146 @@ impl Backoff {
         let r = SystemRandom::new().fill(&mut b).map(|_| u32::from_le_bytes(b)).unwrap_or(u32::MAX / 2);
         d / 2 + (d / 2).mul_f64(f64::from(r) / f64::from(u32::MAX))
     }
+
+    /// Runs `attempt` until it succeeds, it fails for good, or the deadline would pass during
+    /// the next wait; says what it retries. The one retry loop of the agent.
+    pub async fn retry<T, E, Fut>(
+        &self,
+        what: &str,
+        deadline: Instant,
+        attempt: impl FnMut() -> Fut,
+        transient: impl Fn(&E) -> bool,
+    ) -> Result<T, Retried<E>>
+    where
+        Fut: std::future::Future<Output = Result<T, E>>,
+        E: std::fmt::Display,
+    {
+        self.retry_logged(what, deadline, attempt, transient, tracing::Level::WARN).await
+    }
+
+    /// [`Backoff::retry`] for waiting on something to become ready, which is expected to take a
+    /// while: the attempts are logged at debug level only.
+    pub async fn poll<T, E, Fut>(
+        &self,
+        what: &str,
+        deadline: Instant,
+        attempt: impl FnMut() -> Fut,
+    ) -> Result<T, Retried<E>>
+    where
+        Fut: std::future::Future<Output = Result<T, E>>,
+        E: std::fmt::Display,
+    {
+        self.retry_logged(what, deadline, attempt, |_| true, tracing::Level::DEBUG).await
+    }
+
+    async fn retry_logged<T, E, Fut>(
+        &self,
+        what: &str,
+        deadline: Instant,
+        mut attempt: impl FnMut() -> Fut,
+        transient: impl Fn(&E) -> bool,
+        level: tracing::Level,
+    ) -> Result<T, Retried<E>>
+    where
+        Fut: std::future::Future<Output = Result<T, E>>,
+        E: std::fmt::Display,
+    {
+        let start = Instant::now();
+        for n in 0.. {
+            match attempt().await {
+                Ok(v) => return Ok(v),
+                Err(e) if transient(&e) => {
+                    let wait = self.delay(n);
+                    if Instant::now() + wait > deadline {
+                        return Err(Retried::Deadline(start.elapsed(), e));
+                    }
+                    if level == tracing::Level::WARN {
+                        tracing::warn!("{what}: {e}; retrying in {:.1}s", wait.as_secs_f64());
+                    } else {
+                        tracing::debug!("{what}: {e}; again in {:.1}s", wait.as_secs_f64());
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(Retried::Final(e)),
+            }
+        }
+        unreachable!("the loop returns")
+    }
+}
+
+/// How a retried operation ended.
+#[derive(Debug)]
+pub enum Retried<E> {
+    Final(E),
+    /// Still failing at the deadline (after this long).
+    Deadline(Duration, E),
+}
+
+/// One enrollment server: where to connect and the name its certificate must carry.
+#[derive(Debug, Clone)]
+struct Server {
+    url: String,
+    host: String,
+    port: u16,
+    name: ServerName<'static>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(
+        "enrollment server '{0}' is not an https:// URL: the CA pin is a TLS check, and a credential never travels in clear"
+    )]
+    NotHttps(String),
+    #[error("enrollment server '{url}': {reason}")]
+    Url { url: String, reason: String },
+    #[error("TLS client setup: {0}")]
+    Tls(#[from] proto::tls::TlsError),
+}
+
+impl Server {
+    fn parse(url: &str) -> Result<Server, SetupError> {
+        let bad = |reason: &str| SetupError::Url { url: url.into(), reason: reason.into() };
+        let rest = url.strip_prefix("https://").ok_or_else(|| SetupError::NotHttps(url.into()))?;
+        let authority = rest.split('/').next().unwrap_or("");
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+                (h, p.parse::<u16>().map_err(|_| bad("the port is not a number"))?)
+            }
+            _ => (authority, 443),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        let name =
+            ServerName::try_from(host.clone()).map_err(|_| bad("the host is neither an address nor a DNS name"))?;
+        Ok(Server { url: url.trim_end_matches('/').to_string(), host, port, name })
+    }
+}
+
+/// Makes a request's body for the connection it goes on (given its channel binding).
+type BodyFor<'a> = dyn Fn(&str) -> Result<Option<Vec<u8>>, CallError> + Sync + 'a;
+
+/// The open connection, with the channel binding its CSRs carry.
+struct Conn {
+    send: SendRequest<Full<Bytes>>,
+    binding: String,
+    server: usize,
+}
+
+struct Inner {
+    servers: Vec<Server>,
+    tls: tokio_rustls::TlsConnector,
+    identity: Arc<ClientIdentity>,
+    conn: tokio::sync::Mutex<Option<Conn>>,
 }
 
 #[derive(Clone)]
 pub struct Client {
-    servers: Vec<String>,
-    http: reqwest::Client,
-    identity: Arc<ClientIdentity>,
+    inner: Arc<Inner>,
     pub backoff: Backoff,
     pub deadline: Instant,
 }
-
-#[derive(Debug, thiserror::Error)]
-#[error("TLS client setup: {0}")]
-pub struct SetupError(String);
 
 impl Client {
     /// A client trusting the servers under `pin`, presenting `identity` (cert, key PEM) if given.
@@ -93,51 +232,115 @@ impl Client {
         identity: Option<(&str, &str)>,
         deadline: Instant,
     ) -> Result<Self, SetupError> {
-        let identity = ClientIdentity::from_pem(identity).map_err(|e| SetupError(e.to_string()))?;
-        let tls = proto::tls::pinned_client_config(pin, identity.clone()).map_err(|e| SetupError(e.to_string()))?;
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| SetupError(e.to_string()))?;
-        Ok(Client { servers: servers.to_vec(), http, identity, backoff: Backoff::default(), deadline })
+        let servers = servers.iter().map(|s| Server::parse(s)).collect::<Result<Vec<_>, _>>()?;
+        let identity = ClientIdentity::from_pem(identity)?;
+        let tls = proto::tls::pinned_client_config(pin, identity.clone())?;
+        let inner = Inner {
+            servers,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            identity,
+            conn: tokio::sync::Mutex::new(None),
+        };
+        Ok(Client { inner: Arc::new(inner), backoff: Backoff::default(), deadline })
     }
 
     /// Presents this client certificate (PEM) and key on every new connection.
     pub fn present(&self, cert_pem: &str, key_pem: &str) -> Result<(), SetupError> {
-        self.identity.set(cert_pem, key_pem).map_err(|e| SetupError(e.to_string()))
+        Ok(self.inner.identity.set(cert_pem, key_pem)?)
     }
 
     pub fn presents_certificate(&self) -> bool {
-        self.identity.is_set()
+        self.inner.identity.is_set()
     }
 
-    async fn once<B: Serialize, R: DeserializeOwned>(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<&B>,
-    ) -> Result<R, CallError> {
-        let mut last = CallError::Transport("no enrollment server configured".into());
-        for base in &self.servers {
-            let url = format!("{}{path}", base.trim_end_matches('/'));
-            let mut req = self.http.request(method.clone(), &url);
-            if let Some(b) = body {
-                req = req.json(b);
+    /// Connects to server `i`: TCP, the TLS 1.3 handshake under the pin, the connection's
+    /// exporter value, HTTP/1.1.
+    async fn dial(&self, i: usize) -> Result<Conn, CallError> {
+        let s = &self.inner.servers[i];
+        let transport = |e: String| CallError::Transport(format!("{}: {e}", s.url));
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect((s.host.as_str(), s.port)))
+            .await
+            .map_err(|_| transport("connecting timed out".into()))?
+            .map_err(|e| transport(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = match tokio::time::timeout(CONNECT_TIMEOUT, self.inner.tls.connect(s.name.clone(), tcp)).await {
+            Err(_) => return Err(transport("the TLS handshake timed out".into())),
+            Ok(Err(e)) if is_certificate_error(&e) => {
+                return Err(CallError::Untrusted(format!("{}: {}", s.url, proto::error_chain(&e))));
             }
-            let resp = match req.send().await {
-                Ok(r) => r,
-                Err(e) if is_certificate_error(&e) => {
-                    return Err(CallError::Untrusted(format!("{url}: {}", error_chain(&e))));
+            Ok(Err(e)) => return Err(transport(proto::error_chain(&e))),
+            Ok(Ok(t)) => t,
+        };
+        let mut exporter = [0u8; CHANNEL_BINDING_LEN];
+        tls.get_ref()
+            .1
+            .export_keying_material(&mut exporter, CHANNEL_BINDING_LABEL, None)
+            .map_err(|e| transport(format!("no TLS exporter: {e}")))?;
+        let (send, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| transport(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Conn { send, binding: channel_binding_text(&exporter), server: i })
+    }
+
+    /// One attempt on each server in turn: the body is made for the connection it goes on.
+    async fn once<R: DeserializeOwned>(
+        &self,
+        method: &hyper::Method,
+        path: &str,
+        body: &BodyFor<'_>,
+    ) -> Result<R, CallError> {
+        let mut guard = self.inner.conn.lock().await;
+        let first = guard.as_ref().map_or(0, |c| c.server);
+        let mut last = CallError::Transport("no enrollment server configured".into());
+        for k in 0..self.inner.servers.len() {
+            let i = (first + k) % self.inner.servers.len();
+            if guard.as_ref().is_none_or(|c| c.server != i || c.send.is_closed()) {
+                *guard = None;
+                match self.dial(i).await {
+                    Ok(c) => *guard = Some(c),
+                    Err(e @ CallError::Untrusted(_)) => return Err(e),
+                    Err(e) => {
+                        last = e;
+                        continue;
+                    }
                 }
-                Err(e) => {
-                    last = CallError::Transport(format!("{url}: {}", error_chain(&e)));
+            }
+            let conn = guard.as_mut().expect("dialed");
+            let url = format!("{}{path}", self.inner.servers[i].url);
+            let payload = body(&conn.binding)?;
+            let mut req = hyper::Request::builder()
+                .method(method.clone())
+                .uri(path)
+                .header(hyper::header::HOST, format!("{}:{}", self.inner.servers[i].host, self.inner.servers[i].port));
+            if payload.is_some() {
+                req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+            }
+            let req = req
+                .body(Full::new(Bytes::from(payload.unwrap_or_default())))
+                .map_err(|e| CallError::Decode(format!("{url}: {e}")))?;
+            let answer = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                let resp = conn.send.send_request(req).await.map_err(|e| e.to_string())?;
+                let status = resp.status();
+                let bytes =
+                    Limited::new(resp.into_body(), MAX_RESPONSE).collect().await.map_err(|e| e.to_string())?.to_bytes();
+                Ok::<_, String>((status, bytes))
+            })
+            .await;
+            let (status, bytes) = match answer {
+                Ok(Ok(a)) => a,
+                Ok(Err(e)) => {
+                    *guard = None;
+                    last = CallError::Transport(format!("{url}: {e}"));
+                    continue;
+                }
+                Err(_) => {
+                    *guard = None;
+                    last = CallError::Transport(format!("{url}: no answer within {REQUEST_TIMEOUT:?}"));
                     continue;
                 }
             };
-            let status = resp.status();
-            let bytes = resp.bytes().await.map_err(|e| CallError::Transport(format!("{url}: {e}")))?;
             if status.is_success() {
                 let text = if bytes.is_empty() { "null".as_bytes() } else { &bytes[..] };
                 return serde_json::from_slice(text).map_err(|e| CallError::Decode(format!("{url}: {e}")));
@@ -152,37 +355,42 @@ impl Client {
     }
 
     /// One call, retried while the error is transient and the deadline allows.
-    pub async fn call<B: Serialize, R: DeserializeOwned>(
+    async fn call<R: DeserializeOwned>(
         &self,
-        method: reqwest::Method,
+        method: hyper::Method,
         path: &str,
-        body: Option<&B>,
+        body: &BodyFor<'_>,
     ) -> Result<R, CallError> {
-        let start = Instant::now();
-        let mut attempt = 0;
-        loop {
-            match self.once(method.clone(), path, body).await {
-                Ok(r) => return Ok(r),
-                Err(e) if e.is_transient() => {
-                    let wait = self.backoff.delay(attempt);
-                    if Instant::now() + wait > self.deadline {
-                        return Err(CallError::Deadline(start.elapsed(), Box::new(e)));
-                    }
-                    tracing::warn!("{path}: {e}; retrying in {:.1}s", wait.as_secs_f64());
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        self.backoff
+            .retry(path, self.deadline, || self.once(&method, path, body), CallError::is_transient)
+            .await
+            .map_err(|r| match r {
+                Retried::Final(e) => e,
+                Retried::Deadline(after, e) => CallError::Deadline(after, Box::new(e)),
+            })
     }
 
     pub async fn post<B: Serialize, R: DeserializeOwned>(&self, path: &str, body: &B) -> Result<R, CallError> {
-        self.call(reqwest::Method::POST, path, Some(body)).await
+        let bytes = serde_json::to_vec(body).map_err(|e| CallError::Decode(e.to_string()))?;
+        self.call(hyper::Method::POST, path, &|_| Ok(Some(bytes.clone()))).await
+    }
+
+    /// A POST whose body is made for the connection it is sent on: `make` gets the connection's
+    /// channel binding (RFC 9266 tls-exporter, base64), which an enrollment CSR carries.
+    pub async fn post_bound<B: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        make: impl Fn(&str) -> Result<B, String> + Sync,
+    ) -> Result<R, CallError> {
+        self.call(hyper::Method::POST, path, &|binding| {
+            let body = make(binding).map_err(CallError::Decode)?;
+            serde_json::to_vec(&body).map(Some).map_err(|e| CallError::Decode(e.to_string()))
+        })
+        .await
     }
 
     pub async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, CallError> {
-        self.call::<(), R>(reqwest::Method::GET, path, None).await
+        self.call(hyper::Method::GET, path, &|_| Ok(None)).await
     }
 }
 
@@ -202,8 +410,6 @@ fn is_certificate_error(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-pub use proto::error_chain;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,5 +424,23 @@ mod tests {
         }
         let samples: std::collections::HashSet<u128> = (0..20).map(|_| b.delay(3).as_nanos()).collect();
         assert!(samples.len() > 1, "no jitter");
+    }
+
+    #[test]
+    fn servers_must_be_https() {
+        for (url, ok) in [
+            ("https://192.168.3.100:9443", true),
+            ("https://imgbuild.k8s.org", true),
+            ("https://[fd00::1]:9443", true),
+            ("http://192.168.3.100:9443", false),
+            ("192.168.3.100:9443", false),
+            ("https://:9443", false),
+            ("https://host:port", false),
+        ] {
+            assert_eq!(Server::parse(url).is_ok(), ok, "{url}");
+        }
+        assert!(matches!(Server::parse("http://x:1"), Err(SetupError::NotHttps(_))));
+        let s = Server::parse("https://[fd00::1]:9443/").unwrap();
+        assert_eq!((s.host.as_str(), s.port), ("fd00::1", 9443));
     }
 }

@@ -114,6 +114,8 @@ pub fn default_sources() -> Vec<Box<dyn IdentitySource>> {
     vec![Box::new(Dmi), Box::new(Cmdline), Box::new(Nics), Box::new(CloudInitFiles)]
 }
 
+/// What the sources say, merged (the first UUID and serial, every MAC); the one normal form
+/// is [`MachineIdentity::normalized`], which the server applies too.
 pub fn identify(root: &Path, sources: &[Box<dyn IdentitySource>]) -> MachineIdentity {
     let mut id = MachineIdentity::default();
     for s in sources {
@@ -123,8 +125,6 @@ pub fn identify(root: &Path, sources: &[Box<dyn IdentitySource>]) -> MachineIden
         id.serial = id.serial.or(found.serial);
         id.macs.extend(found.macs);
     }
-    id.macs.sort();
-    id.macs.dedup();
     id
 }
 
@@ -186,7 +186,7 @@ mod tests {
         nic(r, "lo", "00:00:00:00:00:00", "772", "0");
         write(r, paths::KERNEL_CMDLINE, "ro firstboot.boot-mac=52-54-00-03-01-99\n");
         write(r, "/var/lib/cloud/data/instance-id", "i-123\n");
-        let id = identify(r, &default_sources());
+        let id = identify(r, &default_sources()).normalized().unwrap();
         assert_eq!(id.uuid.as_deref(), Some("4c4c4544-0042-3510-8052-b4c04f4d4e31"));
         assert_eq!(id.serial.as_deref(), Some("i-123"));
         assert_eq!(id.macs, ["52:54:00:03:01:21", "52:54:00:03:01:99"]);

@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::client::{Client as Enrollment, error_chain};
+use super::client::{Backoff, Client as Enrollment, Retried};
 use super::systemd::Systemd;
+use proto::error_chain;
 use proto::fsutil::{ensure_dir, write_atomic};
 use proto::paths;
 use proto::pin::{CaPin, verify_detached_jws};
@@ -115,25 +116,18 @@ fn object_path(obj: &Value) -> Result<(String, String), String> {
     Ok((collection, name.to_string()))
 }
 
-/// Polls `check` every 2 s until it returns `Ok`, or fails at the deadline with its last error.
-async fn wait_until<T, F, Fut>(what: &str, deadline: Instant, mut check: F) -> Result<T, JoinError>
+/// Polls `check` about every 2 s until it returns `Ok`, or fails at the deadline with its last
+/// error.
+async fn wait_until<T, F, Fut>(what: &str, deadline: Instant, check: F) -> Result<T, JoinError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, String>>,
 {
-    let start = Instant::now();
-    loop {
-        match check().await {
-            Ok(v) => return Ok(v),
-            Err(last) if Instant::now() + Duration::from_secs(2) > deadline => {
-                return Err(JoinError::NotReady { what: what.to_string(), waited: start.elapsed(), last });
-            }
-            Err(last) => {
-                tracing::debug!("waiting for {what}: {last}");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        }
-    }
+    let every = Backoff { initial: Duration::from_secs(2), max: Duration::from_secs(2) };
+    every.poll(what, deadline, check).await.map_err(|r| match r {
+        Retried::Final(last) => JoinError::NotReady { what: what.to_string(), waited: Duration::ZERO, last },
+        Retried::Deadline(waited, last) => JoinError::NotReady { what: what.to_string(), waited, last },
+    })
 }
 
 /// Accepts any server certificate: only for the first, unauthenticated fetch of cluster-info,

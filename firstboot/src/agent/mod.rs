@@ -6,6 +6,7 @@
 //! success a boot only sends a short status report.
 
 pub mod client;
+pub mod error;
 pub mod host;
 pub mod identity;
 pub mod join;
@@ -20,6 +21,7 @@ use rcgen::{CertificateParams, DistinguishedName, KeyPair};
 use time::OffsetDateTime;
 
 use self::client::{Backoff, Client};
+use self::error::{IoAt, PhaseError, call};
 use self::host::Host;
 use self::record::{Record, RecordFile};
 use self::source::Found;
@@ -67,10 +69,12 @@ impl Options {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("phase {phase} failed: {message}")]
-    Phase { phase: Phase, message: String },
+    #[error("phase {phase} failed: {}", error.chain())]
+    Phase { phase: Phase, error: PhaseError },
     #[error(transparent)]
     Record(#[from] record::RecordError),
+    #[error(transparent)]
+    Systemd(#[from] systemd::SystemdError),
 }
 
 /// Where the crash test hook strikes.
@@ -122,7 +126,8 @@ pub struct Agent<H: Host, S: Systemd> {
     client: Option<Client>,
 }
 
-type PhaseResult = Result<String, String>;
+/// What a phase did, for its report.
+type PhaseResult = Result<String, PhaseError>;
 
 fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
@@ -130,28 +135,47 @@ fn now() -> OffsetDateTime {
 
 /// Loads `path` if it holds a key, or makes a new ECDSA P-256 key and writes it there (0600)
 /// before anything uses it, so that a rerun asks for a certificate for the same key.
-fn key_at(path: &Path, owner: Option<(u32, u32)>) -> Result<KeyPair, String> {
+fn key_at(path: &Path, owner: Option<(u32, u32)>) -> Result<KeyPair, PhaseError> {
     if let Ok(pem) = std::fs::read_to_string(path) {
         if let Ok(k) = KeyPair::from_pem(&pem) {
             return Ok(k);
         }
     }
-    let key = KeyPair::generate().map_err(|e| format!("key generation: {e}"))?;
-    ensure_dir(path.parent().expect("key path has a directory"), 0o755)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    write_atomic(path, key.serialize_pem().as_bytes(), 0o600, owner).map_err(|e| format!("{}: {e}", path.display()))?;
+    let key = KeyPair::generate()?;
+    if let Some(dir) = path.parent() {
+        ensure_dir(dir, 0o755).at(dir)?;
+    }
+    write_atomic(path, key.serialize_pem().as_bytes(), 0o600, owner).at(path)?;
     Ok(key)
 }
 
-/// A CSR with an empty subject: the server decides every name.
-fn csr(key: &KeyPair) -> Result<String, String> {
+/// The PKCS#9 challengePassword attribute (RFC 2985), where an enrollment CSR carries the
+/// channel binding of the connection it is sent on (see [`proto::wire`]).
+fn binding_attribute(binding: &str) -> rcgen::Attribute {
+    const OID_CHALLENGE_PASSWORD: &[u64] = &[1, 2, 840, 113549, 1, 9, 7];
+    // SET OF { UTF8String binding }: base64 of 32 bytes, so one-byte DER lengths.
+    let mut values = vec![0x31, (binding.len() + 2) as u8, 0x0c, binding.len() as u8];
+    values.extend_from_slice(binding.as_bytes());
+    rcgen::Attribute { oid: OID_CHALLENGE_PASSWORD, values }
+}
+
+/// A CSR with an empty subject (the server decides every name); bound to a connection when
+/// `binding` is given.
+pub fn csr(key: &KeyPair, binding: Option<&str>) -> Result<String, rcgen::Error> {
     let mut p = CertificateParams::default();
     p.distinguished_name = DistinguishedName::new();
-    p.serialize_request(key).and_then(|c| c.pem()).map_err(|e| format!("CSR: {e}"))
+    let attrs = binding.map(|b| vec![binding_attribute(b)]).unwrap_or_default();
+    p.serialize_request_with_attributes(key, attrs)?.pem()
+}
+
+/// `sha256:` of a key's SubjectPublicKeyInfo, as `imgbuild nodes` shows it.
+pub fn key_fingerprint(key: &KeyPair) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, &rcgen::PublicKeyData::subject_public_key_info(key));
+    format!("sha256:{}", d.as_ref().iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
 /// Resolves `user[:group]` against the tree's /etc/passwd and /etc/group.
-fn resolve_owner(root: &Path, owner: Option<&str>) -> Result<Option<(u32, u32)>, String> {
+fn resolve_owner(root: &Path, owner: Option<&str>) -> Result<Option<(u32, u32)>, PhaseError> {
     let Some(owner) = owner else { return Ok(None) };
     let (user, group) = owner.split_once(':').map_or((owner, None), |(u, g)| (u, Some(g)));
     let lookup = |file: &str, name: &str| -> Option<(u32, u32)> {
@@ -163,10 +187,11 @@ fn resolve_owner(root: &Path, owner: Option<&str>) -> Result<Option<(u32, u32)>,
             Some((f.get(2)?.parse().ok()?, f.get(3).and_then(|g| g.parse().ok()).unwrap_or(0)))
         })
     };
-    let (uid, primary) = lookup("/etc/passwd", user).ok_or_else(|| format!("no user {user} in /etc/passwd"))?;
+    let (uid, primary) =
+        lookup("/etc/passwd", user).ok_or_else(|| PhaseError::Owner(format!("no user {user} in /etc/passwd")))?;
     let gid = match group {
         None => primary,
-        Some(g) => lookup("/etc/group", g).ok_or_else(|| format!("no group {g} in /etc/group"))?.0,
+        Some(g) => lookup("/etc/group", g).ok_or_else(|| PhaseError::Owner(format!("no group {g} in /etc/group")))?.0,
     };
     Ok(Some((uid, gid)))
 }
@@ -185,36 +210,53 @@ impl<H: Host, S: Systemd> Agent<H, S> {
         &self.record
     }
 
-    fn boot_config(&self) -> &BootConfig {
-        self.record.boot_config.as_ref().expect("identify phase stored the boot config")
-    }
-
-    /// This run's enrollment client (one connection pool for every phase), presenting the
+    /// This run's enrollment client (one connection for every phase), presenting the
     /// enrollment certificate once the record has one.
-    fn client(&mut self) -> Result<Client, String> {
-        if self.client.is_none() {
-            let bc = self.boot_config();
-            let mut c = Client::new(&bc.servers, bc.ca_pin, None, self.deadline).map_err(|e| e.to_string())?;
-            c.backoff = self.opts.backoff.clone();
-            self.client = Some(c);
-        }
-        let c = self.client.clone().expect("just made");
+    fn client(&mut self) -> Result<Client, PhaseError> {
+        let c = match &self.client {
+            Some(c) => c.clone(),
+            None => {
+                let bc = self.record.need(&self.record.boot_config, "payload")?;
+                let mut c = Client::new(&bc.servers, bc.ca_pin, None, self.deadline)?;
+                c.backoff = self.opts.backoff.clone();
+                self.client = Some(c.clone());
+                c
+            }
+        };
         if let Some(cert) = self.record.client_cert.as_deref().filter(|_| !c.presents_certificate()) {
-            let key = std::fs::read_to_string(self.file.dir().join("enroll.key"))
-                .map_err(|e| format!("enrollment key: {e}"))?;
-            c.present(cert, &key).map_err(|e| e.to_string())?;
+            let path = self.file.dir().join("enroll.key");
+            let key = std::fs::read_to_string(&path).at(&path)?;
+            c.present(cert, &key)?;
         }
         Ok(c)
     }
 
-    fn report(&mut self, phase: Phase, status: PhaseStatus, message: &str, started_at: OffsetDateTime) {
+    fn report(
+        &mut self,
+        phase: Phase,
+        status: PhaseStatus,
+        message: &str,
+        code: Option<&str>,
+        started_at: OffsetDateTime,
+    ) {
         if self.opts.console {
             println!("firstboot: {phase}: {}: {message}", status.as_str());
+        }
+        // A report's message is bounded; the journal has the whole of it.
+        let mut message = message.to_string();
+        if message.len() > limits::REPORT_MESSAGE {
+            let mut cut = limits::REPORT_MESSAGE - 3;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str("...");
         }
         let r = Report {
             phase,
             status,
-            message: message.to_string(),
+            message,
+            code: code.map(str::to_string),
             started_at,
             at: now(),
             boot_id: self.boot_id.clone(),
@@ -248,7 +290,7 @@ impl<H: Host, S: Systemd> Agent<H, S> {
         if self.record.phase == Phase::Done && self.record.finished_at.is_some() {
             let node = self.record.node.as_ref().map(|n| n.name.clone()).unwrap_or_default();
             let message = format!("already provisioned ({}); boot {}", self.record.outcome, self.record.boots);
-            self.report(Phase::Done, PhaseStatus::Succeeded, &message, now());
+            self.report(Phase::Done, PhaseStatus::Succeeded, &message, None, now());
             self.flush_reports().await;
             self.file.save(&self.record)?;
             return Ok(Outcome::AlreadyProvisioned { node, message });
@@ -257,13 +299,12 @@ impl<H: Host, S: Systemd> Agent<H, S> {
             let phase = self.record.phase;
             let started = now();
             tracing::info!("phase {phase}: starting");
-            let result = self.phase(phase).await;
-            match result {
+            match self.phase(phase).await {
                 Ok(message) => {
                     crash_if(self.opts.crash, Crash::Unrecorded(phase));
                     tracing::info!("phase {phase}: {message}");
-                    self.report(phase, PhaseStatus::Succeeded, &message, started);
-                    if phase == Phase::Done {
+                    self.report(phase, PhaseStatus::Succeeded, &message, None, started);
+                    let Some(next) = phase.next() else {
                         self.record.finished_at = Some(now());
                         self.record.outcome = message.clone();
                         self.file.save(&self.record)?;
@@ -271,20 +312,21 @@ impl<H: Host, S: Systemd> Agent<H, S> {
                         self.file.save(&self.record)?;
                         let node = self.record.node.as_ref().map(|n| n.name.clone()).unwrap_or_default();
                         return Ok(Outcome::Provisioned { node, message });
-                    }
-                    self.record.phase = phase.next().expect("only done has no next phase");
+                    };
+                    self.record.phase = next;
                     self.file.save(&self.record)?;
                     crash_if(self.opts.crash, Crash::Recorded(phase));
                     self.flush_reports().await;
                     self.file.save(&self.record)?;
                 }
-                Err(message) => {
+                Err(error) => {
+                    let message = error.chain();
                     tracing::error!("phase {phase} failed: {message}");
-                    self.report(phase, PhaseStatus::Failed, &message, started);
+                    self.report(phase, PhaseStatus::Failed, &message, Some(error.code()), started);
                     self.file.save(&self.record)?;
                     self.flush_reports().await;
                     self.file.save(&self.record)?;
-                    return Err(AgentError::Phase { phase, message });
+                    return Err(AgentError::Phase { phase, error });
                 }
             }
         }
@@ -306,33 +348,30 @@ impl<H: Host, S: Systemd> Agent<H, S> {
     async fn identify(&mut self) -> PhaseResult {
         let root = self.opts.root.clone();
         let identity = identity::identify(&root, &identity::default_sources());
-        if identity.is_empty() {
-            return Err("no machine identity: no SMBIOS UUID and no Ethernet MAC address".into());
-        }
+        let identity = identity.normalized().map_err(|_| PhaseError::NoIdentity)?;
         let sources = source::default_sources(self.opts.config.clone(), self.opts.rpctool.clone());
-        let (found, from) = source::load(&root, &sources).map_err(|e| e.to_string())?.ok_or_else(|| {
-            let names: Vec<String> = sources.iter().map(|s| s.name()).collect();
-            format!("no first-boot payload (looked at: {})", names.join(", "))
-        })?;
+        let (found, from) = source::load(&root, &sources)?
+            .ok_or_else(|| PhaseError::NoPayload(sources.iter().map(|s| s.name()).collect()))?;
         let config = match found {
             Found::Config(c) => c,
-            Found::Remote { url, pin } => fetch_remote(&url, pin).await?,
+            Found::Remote { url, pin } => fetch_remote(&url, pin, &self.opts.backoff, self.deadline).await?,
         };
         let image = std::fs::read(paths::under(&root, paths::IMAGE_INFO))
             .ok()
             .and_then(|b| serde_json::from_slice::<ImageInfo>(&b).ok());
         if let Some(i) = &image {
             if i.role != config.role {
-                return Err(format!("this is a {} image but the payload is for role {}", i.role, config.role));
+                return Err(PhaseError::RoleMismatch { image: i.role, payload: config.role });
             }
         }
         if let Some(net) = &config.network {
             self.static_network(net).await?;
         }
         let message = format!(
-            "machine {} ({} MACs), payload from {from}, servers {}; {}",
+            "machine {} ({} MACs), payload from {from} ({}), servers {}; {}",
             identity.key(),
             identity.macs.len(),
+            if config.token.is_some() { "with a credential" } else { "no credential: approval" },
             config.servers.join(","),
             host::root_layout(&root)
         );
@@ -344,7 +383,7 @@ impl<H: Host, S: Systemd> Agent<H, S> {
 
     /// A static address from the payload, for networks without DHCP: a systemd-networkd file for
     /// the NIC (by MAC, or name), applied before enrolling.
-    async fn static_network(&mut self, net: &proto::bootcfg::StaticNetwork) -> Result<(), String> {
+    async fn static_network(&mut self, net: &proto::bootcfg::StaticNetwork) -> Result<(), PhaseError> {
         let matcher = match (&net.mac, &net.interface) {
             (Some(mac), _) => format!("MACAddress={mac}"),
             (None, Some(name)) => format!("Name={name}"),
@@ -361,38 +400,57 @@ impl<H: Host, S: Systemd> Agent<H, S> {
             unit.push_str(&format!("DNS={d}\n"));
         }
         let path = paths::under(&self.opts.root, paths::STATIC_NETWORK);
-        ensure_dir(path.parent().expect("has parent"), 0o755).map_err(|e| format!("{}: {e}", path.display()))?;
-        write_atomic(&path, unit.as_bytes(), 0o644, None).map_err(|e| format!("{}: {e}", path.display()))?;
-        self.systemd.restart("systemd-networkd.service").await.map_err(|e| e.to_string())
+        if let Some(dir) = path.parent() {
+            ensure_dir(dir, 0o755).at(dir)?;
+        }
+        write_atomic(&path, unit.as_bytes(), 0o644, None).at(&path)?;
+        Ok(self.systemd.restart("systemd-networkd.service").await?)
     }
 
+    /// Enrolls with the payload's credential, or without one, waiting for the operator's
+    /// approval of this key (its fingerprint goes to the console, for the operator to compare).
     async fn enroll(&mut self) -> PhaseResult {
         let key = key_at(&self.file.dir().join("enroll.key"), None)?;
-        let req = EnrollRequest {
-            protocol: PROTOCOL_VERSION,
-            token: self.boot_config().token.clone(),
-            identity: self.record.identity.clone().expect("identified"),
-            image: self.record.image.clone(),
-            csr: csr(&key)?,
-        };
+        let fingerprint = key_fingerprint(&key);
+        let token = self.record.need(&self.record.boot_config, "payload")?.token.clone();
+        let identity = self.record.need(&self.record.identity, "machine identity")?.clone();
+        let image = self.record.image.clone();
         let client = self.client()?;
+        let mut announced = false;
         loop {
-            let resp: EnrollResponse = client.post(PATH_ENROLL, &req).await.map_err(|e| e.to_string())?;
+            // The CSR is made for the connection it goes on: worthless on any other.
+            let resp: EnrollResponse = client
+                .post_bound(PATH_ENROLL, |binding| {
+                    Ok(EnrollRequest {
+                        protocol: PROTOCOL_VERSION,
+                        token: token.clone(),
+                        identity: identity.clone(),
+                        image: image.clone(),
+                        csr: csr(&key, Some(binding)).map_err(|e| e.to_string())?,
+                    })
+                })
+                .await
+                .map_err(call("enrolling"))?;
             match resp.status {
                 EnrollStatus::Enrolled => {
-                    let node = resp.node.ok_or("server said enrolled without a node")?;
-                    let cert = resp.client_cert.ok_or("server said enrolled without a certificate")?;
+                    let node = resp.node.ok_or(PhaseError::Incomplete("enrolled", "node"))?;
+                    let cert = resp.client_cert.ok_or(PhaseError::Incomplete("enrolled", "certificate"))?;
                     // This connection is the node's now; new ones show the certificate.
-                    client.present(&cert, &key.serialize_pem()).map_err(|e| e.to_string())?;
+                    client.present(&cert, &key.serialize_pem())?;
                     self.record.client_cert = Some(cert);
-                    let msg = format!("enrolled as {} node {}", node.role, node.name);
+                    let msg = format!("enrolled as {} node {} (key {fingerprint})", node.role, node.name);
                     self.record.node = Some(node);
                     return Ok(msg);
                 }
                 EnrollStatus::Pending => {
                     let wait = Duration::from_secs(resp.retry_after_secs.unwrap_or(30).into());
                     if Instant::now() + wait > self.deadline {
-                        return Err(format!("still waiting for approval at the deadline: {}", resp.message));
+                        return Err(PhaseError::NotApproved(resp.message));
+                    }
+                    if !announced && self.opts.console {
+                        // The operator compares this with `imgbuild nodes` before approving.
+                        println!("firstboot: enroll: waiting for approval of this machine's key {fingerprint}");
+                        announced = true;
                     }
                     tracing::info!("{}; asking again in {}s", resp.message, wait.as_secs());
                     tokio::time::sleep(wait).await;
@@ -403,17 +461,21 @@ impl<H: Host, S: Systemd> Agent<H, S> {
 
     async fn fetch(&mut self) -> PhaseResult {
         let client = self.client()?;
-        let config: NodeConfig = client.get(PATH_CONFIG).await.map_err(|e| e.to_string())?;
+        let config: NodeConfig = client.get(PATH_CONFIG).await.map_err(call("fetching the node config"))?;
         let mut csrs = Vec::new();
         for c in &config.certs {
             let owner = resolve_owner(&self.opts.root, c.owner.as_deref())?;
             let key = key_at(&paths::under(&self.opts.root, &c.key_path), owner)?;
-            csrs.push(CsrRequest { purpose: c.purpose, csr: csr(&key)? });
+            csrs.push(CsrRequest { purpose: c.purpose, csr: csr(&key, None)? });
         }
         let certs = if csrs.is_empty() {
             Vec::new()
         } else {
-            client.post::<_, SignResponse>(PATH_SIGN, &SignRequest { csrs }).await.map_err(|e| e.to_string())?.certs
+            client
+                .post::<_, SignResponse>(PATH_SIGN, &SignRequest { csrs })
+                .await
+                .map_err(call("asking for certificates"))?
+                .certs
         };
         let msg =
             format!("{} files, {} units, {} certificates signed", config.files.len(), config.units.len(), certs.len());
@@ -423,7 +485,7 @@ impl<H: Host, S: Systemd> Agent<H, S> {
     }
 
     fn write_files(&mut self) -> PhaseResult {
-        let config = self.record.config.as_ref().expect("fetched");
+        let config = self.record.need(&self.record.config, "node config")?;
         let root = &self.opts.root;
         let mut n = 0;
         let cert_files = config.certs.iter().filter_map(|spec| {
@@ -438,29 +500,27 @@ impl<H: Host, S: Systemd> Agent<H, S> {
         });
         // Only the node knows what its NIC is called.
         let interface = if config.files.iter().any(|f| f.expand) {
-            Some(identity::node_interface(root, &config.host).ok_or_else(|| {
-                format!(
-                    "no network interface with MAC {} or address {}",
-                    config.host.interface_mac.as_deref().unwrap_or("-"),
-                    config.host.interface_address.as_deref().unwrap_or("-")
-                )
+            Some(identity::node_interface(root, &config.host).ok_or_else(|| PhaseError::NoInterface {
+                mac: config.host.interface_mac.clone().unwrap_or_else(|| "-".into()),
+                address: config.host.interface_address.clone().unwrap_or_else(|| "-".into()),
             })?)
         } else {
             None
         };
         for f in config.files.iter().cloned().chain(cert_files) {
             if !f.path.starts_with('/') || f.path.split('/').any(|c| c == "..") {
-                return Err(format!("refusing to write {}: not an absolute path without '..'", f.path));
+                return Err(PhaseError::BadPath(f.path));
             }
             let path = paths::under(root, &f.path);
             let owner = resolve_owner(root, f.owner.as_deref())?;
-            ensure_dir(path.parent().expect("absolute path has a parent"), 0o755)
-                .map_err(|e| format!("{}: {e}", f.path))?;
+            if let Some(dir) = path.parent() {
+                ensure_dir(dir, 0o755).at(dir)?;
+            }
             let contents = match (&interface, f.expand) {
                 (Some(name), true) => f.contents.replace(INTERFACE_PLACEHOLDER, name),
                 _ => f.contents,
             };
-            write_atomic(&path, contents.as_bytes(), f.mode, owner).map_err(|e| format!("{}: {e}", f.path))?;
+            write_atomic(&path, contents.as_bytes(), f.mode, owner).at(&path)?;
             n += 1;
         }
         Ok(match interface {
@@ -470,19 +530,19 @@ impl<H: Host, S: Systemd> Agent<H, S> {
     }
 
     fn host_setup(&mut self) -> PhaseResult {
-        let host = self.record.config.as_ref().expect("fetched").host.clone();
-        self.host.set_hostname(&host.hostname).map_err(|e| e.to_string())?;
+        let host = self.record.need(&self.record.config, "node config")?.host.clone();
+        self.host.set_hostname(&host.hostname)?;
         for m in &host.modules {
-            self.host.load_module(m).map_err(|e| e.to_string())?;
+            self.host.load_module(m)?;
         }
         for (k, v) in &host.sysctls {
-            self.host.sysctl(k, v).map_err(|e| e.to_string())?;
+            self.host.sysctl(k, v)?;
         }
         if host.swap_off {
-            self.host.swap_off().map_err(|e| e.to_string())?;
+            self.host.swap_off()?;
         }
         for d in &host.data_disks {
-            self.host.mount_data_disk(d).map_err(|e| e.to_string())?;
+            self.host.mount_data_disk(d)?;
         }
         Ok(format!(
             "hostname {}, {} modules, {} sysctls{}",
@@ -494,21 +554,24 @@ impl<H: Host, S: Systemd> Agent<H, S> {
     }
 
     async fn start_services(&mut self) -> PhaseResult {
-        let units = self.record.config.as_ref().expect("fetched").units.clone();
-        self.systemd.daemon_reload().await.map_err(|e| e.to_string())?;
+        let units = self.record.need(&self.record.config, "node config")?.units.clone();
+        self.systemd.daemon_reload().await?;
         let enable: Vec<String> = units.iter().filter(|u| u.enable).map(|u| u.name.clone()).collect();
-        self.systemd.enable(&enable).await.map_err(|e| e.to_string())?;
+        self.systemd.enable(&enable).await?;
         let mut started = Vec::new();
         for u in units.iter().filter(|u| u.start) {
-            if u.restart { self.systemd.restart(&u.name).await } else { self.systemd.start(&u.name).await }
-                .map_err(|e| e.to_string())?;
+            if u.restart {
+                self.systemd.restart(&u.name).await?;
+            } else {
+                self.systemd.start(&u.name).await?;
+            }
             started.push(u.name.as_str());
         }
         Ok(if started.is_empty() { "no units to start".into() } else { format!("started {}", started.join(", ")) })
     }
 
     async fn join(&mut self) -> PhaseResult {
-        let Some(spec) = self.record.config.as_ref().expect("fetched").join.clone() else {
+        let Some(spec) = self.record.need(&self.record.config, "node config")?.join.clone() else {
             self.record.outcome = "provisioned".into();
             return Ok("no join for this role".into());
         };
@@ -517,9 +580,7 @@ impl<H: Host, S: Systemd> Agent<H, S> {
             return Ok("skipped (--no-join)".into());
         }
         let client = self.client()?;
-        let msg = join::join(&spec, &self.opts.root, &mut self.systemd, &client, self.deadline)
-            .await
-            .map_err(|e| e.to_string())?;
+        let msg = join::join(&spec, &self.opts.root, &mut self.systemd, &client, self.deadline).await?;
         self.record.outcome = msg.clone();
         Ok(msg)
     }
@@ -532,36 +593,54 @@ impl Record {
     }
 }
 
-/// Fetches a payload named on the kernel command line; HTTPS is trusted only under `pin`.
-async fn fetch_remote(url: &str, pin: proto::pin::CaPin) -> Result<BootConfig, String> {
-    let tls = proto::tls::pinned_client_config(pin, Default::default()).map_err(|e| e.to_string())?;
-    let http = reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .map_err(|e| e.to_string())?;
-    let mut attempt = 0;
-    let backoff = Backoff::default();
-    loop {
-        let r = http.get(url).send().await;
-        match r {
-            Ok(r) if r.status().is_success() => {
-                let text = r.text().await.map_err(|e| format!("{url}: {e}"))?;
-                return source::parse_payload(&text, url).map_err(|e| e.to_string());
+/// Fetches a payload named on the kernel command line. Over `https://` the server is trusted
+/// only under `pin`. Over plain `http://` (what PXE firmware speaks) a payload is taken only if
+/// it carries no credential and names the same pin: nothing secret travels in clear, and the
+/// enrollment it leads to is pinned.
+async fn fetch_remote(
+    url: &str,
+    pin: proto::pin::CaPin,
+    backoff: &Backoff,
+    deadline: Instant,
+) -> Result<BootConfig, PhaseError> {
+    let text = if let Some(rest) = url.strip_prefix("https://") {
+        let (origin, path) = match rest.find('/') {
+            Some(i) => (format!("https://{}", &rest[..i]), &rest[i..]),
+            None => (url.to_string(), "/"),
+        };
+        let mut client = Client::new(&[origin], pin, None, deadline)?;
+        client.backoff = backoff.clone();
+        client.get::<serde_json::Value>(path).await.map_err(call("fetching the payload"))?.to_string()
+    } else if url.starts_with("http://") {
+        let get = || async {
+            let r = reqwest::get(url).await.map_err(|e| proto::error_chain(&e))?;
+            if !r.status().is_success() {
+                return Err(format!("HTTP {}", r.status()));
             }
-            Ok(r) if r.status().is_client_error() => return Err(format!("{url}: HTTP {}", r.status())),
-            other => {
-                let why = match other {
-                    Ok(r) => format!("HTTP {}", r.status()),
-                    Err(e) => client::error_chain(&e),
-                };
-                if attempt >= 8 {
-                    return Err(format!("{url}: {why}"));
-                }
-                tracing::warn!("{url}: {why}; retrying");
-                tokio::time::sleep(backoff.delay(attempt)).await;
-                attempt += 1;
+            r.text().await.map_err(|e| e.to_string())
+        };
+        backoff.retry(url, deadline, get, |_| true).await.map_err(|r| match r {
+            client::Retried::Final(e) | client::Retried::Deadline(_, e) => {
+                PhaseError::Payload(source::SourceError::Invalid { source_name: url.into(), message: e })
             }
+        })?
+    } else {
+        return Err(PhaseError::InsecurePayload { url: url.into(), reason: "is neither https:// nor http://" });
+    };
+    let config = source::parse_payload(&text, url)?;
+    if url.starts_with("http://") {
+        if config.token.is_some() {
+            return Err(PhaseError::InsecurePayload {
+                url: url.into(),
+                reason: "carries a credential over plain HTTP: refused",
+            });
+        }
+        if config.ca_pin != pin {
+            return Err(PhaseError::InsecurePayload {
+                url: url.into(),
+                reason: "names another CA pin than the kernel command line",
+            });
         }
     }
+    Ok(config)
 }

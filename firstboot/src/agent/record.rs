@@ -1,6 +1,7 @@
-//! The phase record, `/var/lib/firstboot/state.json` (0600: it holds the token and, on masters,
-//! CA keys from the config): which phase comes next and everything earlier phases learned.
-//! Rewritten atomically after every phase, so a crash or power cut resumes where it stopped.
+//! The phase record, `/var/lib/firstboot/state.json` (0600: it holds the credential and, on
+//! masters, CA keys from the config): which phase comes next and everything earlier phases
+//! learned. Rewritten atomically after every phase, so a crash or power cut resumes where it
+//! stopped. A damaged, edited or newer file is an error that names it, never a panic.
 
 use std::path::{Path, PathBuf};
 
@@ -78,8 +79,24 @@ pub enum RecordError {
     Read(PathBuf, #[source] std::io::Error),
     #[error("{0} is not a firstboot state file ({1}); move it away to start over")]
     Parse(PathBuf, String),
+    #[error(
+        "{path} was written by a newer firstboot (state version {found}; this one reads {RECORD_VERSION}): run that firstboot, or move the file away to start over"
+    )]
+    Version { path: PathBuf, found: u32 },
+    #[error(
+        "the state file says phase {phase} is next but holds no {what} (edited or damaged?): move {} away to start over",
+        paths::STATE_FILE
+    )]
+    Missing { what: &'static str, phase: Phase },
     #[error("cannot write {0}")]
     Write(PathBuf, #[source] std::io::Error),
+}
+
+impl Record {
+    /// What an earlier phase stored, or the error that says the file lacks it.
+    pub fn need<'a, T>(&self, v: &'a Option<T>, what: &'static str) -> Result<&'a T, RecordError> {
+        v.as_ref().ok_or(RecordError::Missing { what, phase: self.phase })
+    }
 }
 
 impl RecordFile {
@@ -87,21 +104,36 @@ impl RecordFile {
         RecordFile { path: paths::under(root, paths::STATE_FILE) }
     }
 
-    pub fn dir(&self) -> &Path {
-        self.path.parent().expect("state file has a directory")
+    pub fn dir(&self) -> PathBuf {
+        self.path.parent().map_or_else(PathBuf::new, Path::to_path_buf)
     }
 
+    /// The record, a new one if there is none; a file this firstboot cannot read is an error
+    /// that says what to do, never a panic later.
     pub fn load(&self) -> Result<Record, RecordError> {
-        match std::fs::read(&self.path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| RecordError::Parse(self.path.clone(), e.to_string())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Record::new()),
-            Err(e) => Err(RecordError::Read(self.path.clone(), e)),
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Record::new()),
+            Err(e) => return Err(RecordError::Read(self.path.clone(), e)),
+        };
+        // The version first: a newer record may not parse as this one's.
+        let version = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .map_err(|e| RecordError::Parse(self.path.clone(), e.to_string()))?
+            .get("version")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| RecordError::Parse(self.path.clone(), "no version".into()))?;
+        if version != u64::from(RECORD_VERSION) {
+            return Err(RecordError::Version {
+                path: self.path.clone(),
+                found: version.try_into().unwrap_or(u32::MAX),
+            });
         }
+        serde_json::from_slice(&bytes).map_err(|e| RecordError::Parse(self.path.clone(), e.to_string()))
     }
 
     pub fn save(&self, r: &Record) -> Result<(), RecordError> {
-        ensure_dir(self.dir(), 0o700).map_err(|e| RecordError::Write(self.dir().to_path_buf(), e))?;
-        let json = serde_json::to_vec_pretty(r).expect("record serializes");
+        ensure_dir(&self.dir(), 0o700).map_err(|e| RecordError::Write(self.dir(), e))?;
+        let json = serde_json::to_vec_pretty(r).map_err(|e| RecordError::Write(self.path.clone(), e.into()))?;
         write_atomic(&self.path, &json, 0o600, None).map_err(|e| RecordError::Write(self.path.clone(), e))
     }
 }

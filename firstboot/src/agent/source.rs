@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 
-use proto::bootcfg::{BootConfig, CmdlineConfig, parse_cmdline};
+use proto::bootcfg::{BOOT_CONFIG_VERSION, BootConfig, CmdlineConfig, parse_cmdline};
 use proto::paths;
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +58,15 @@ pub fn parse_payload(text: &str, source_name: &str) -> Result<BootConfig, Source
         serde_json::from_str(text).map_err(|e| invalid(source_name, format!("not JSON: {e}")))?;
     if v.get("ignition").is_some() {
         return from_ignition(&v, source_name);
+    }
+    let version = v.get("version").and_then(serde_json::Value::as_u64).unwrap_or(0);
+    if version != u64::from(BOOT_CONFIG_VERSION) {
+        return Err(invalid(
+            source_name,
+            format!(
+                "payload version {version}: this firstboot reads version {BOOT_CONFIG_VERSION} (make the payload with the imgbuild of this image)"
+            ),
+        ));
     }
     serde_json::from_value(v).map_err(|e| invalid(source_name, format!("not a firstboot config: {e}")))
 }
@@ -274,7 +283,6 @@ pub fn load(root: &Path, sources: &[Box<dyn ConfigSource>]) -> Result<Option<(Fo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::bootcfg::BOOT_CONFIG_VERSION;
     use proto::role::Role;
 
     fn sample() -> BootConfig {
@@ -282,7 +290,7 @@ mod tests {
             version: BOOT_CONFIG_VERSION,
             servers: vec!["https://127.0.0.1:9443".into()],
             ca_pin: format!("sha256:{}", "cd".repeat(32)).parse().unwrap(),
-            token: "abcdef.0123456789abcdef".parse().unwrap(),
+            token: Some("abcdef.0123456789abcdef".parse().unwrap()),
             role: Role::Master,
             network: None,
         }

@@ -160,6 +160,7 @@ impl EtcdStore {
             .puts
             .iter()
             .map(|(k, v)| json!({"request_put": {"key": B64.encode(self.key(k)), "value": B64.encode(v)}}))
+            .chain(txn.deletes.iter().map(|k| json!({"request_delete_range": {"key": B64.encode(self.key(k))}})))
             .collect();
         let r = self.call("/v3/kv/txn", json!({"compare": compare, "success": success, "failure": []})).await?;
         let r: TxnResponse = serde_json::from_value(r).map_err(|e| StoreError::Etcd {

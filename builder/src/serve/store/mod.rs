@@ -29,6 +29,7 @@ pub struct Entry {
 pub struct Txn {
     pub checks: Vec<(String, u64)>,
     pub puts: Vec<(String, Vec<u8>)>,
+    pub deletes: Vec<String>,
 }
 
 impl Txn {
@@ -39,6 +40,14 @@ impl Txn {
     pub fn put(&mut self, key: &str, value: Vec<u8>) -> &mut Self {
         self.puts.push((key.to_string(), value));
         self
+    }
+    pub fn delete(&mut self, key: &str) -> &mut Self {
+        self.deletes.push(key.to_string());
+        self
+    }
+    /// Writes nothing (only reads were recorded).
+    pub fn is_read_only(&self) -> bool {
+        self.puts.is_empty() && self.deletes.is_empty()
     }
 }
 
@@ -115,6 +124,18 @@ mod tests {
         let keys: Vec<String> = s.list("a/").await.unwrap().into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["a/1", "a/2"]);
         assert!(s.list("b/").await.unwrap().is_empty());
+        // A delete is checked like a put, and a deleted key reads as never written.
+        let mut t = Txn::default();
+        t.check("a/2", e1b.version).delete("a/2");
+        assert!(!s.commit(t).await.unwrap(), "a stale check must stop a delete");
+        let e2 = s.get("a/2").await.unwrap().unwrap();
+        let mut t = Txn::default();
+        t.check("a/2", e2.version).delete("a/2");
+        assert!(s.commit(t).await.unwrap());
+        assert_eq!(s.get("a/2").await.unwrap(), None);
+        let mut t = Txn::default();
+        t.check("a/2", 0).put("a/2", b"again".to_vec());
+        assert!(s.commit(t).await.unwrap(), "a deleted key can be created anew");
     }
 
     #[tokio::test]

@@ -36,13 +36,23 @@ fn err(path: &Path, e: impl std::fmt::Display) -> StoreError {
     StoreError::Redb { path: path.display().to_string(), message: e.to_string() }
 }
 
-fn decode(raw: &[u8]) -> Entry {
-    let (v, value) = raw.split_at(8);
-    Entry { version: u64::from_be_bytes(v.try_into().expect("8 bytes")), value: value.to_vec() }
+/// A stored value: its version (8 bytes, big-endian), then its bytes. Shorter is a damaged file.
+fn decode(path: &Path, key: &str, raw: &[u8]) -> Result<Entry, StoreError> {
+    match raw.split_first_chunk::<8>() {
+        Some((v, value)) => Ok(Entry { version: u64::from_be_bytes(*v), value: value.to_vec() }),
+        None => {
+            Err(err(path, format!("key {key}: a stored value of {} bytes has no version (damaged file?)", raw.len())))
+        }
+    }
 }
 
 impl RedbStore {
+    /// Opens (or creates) the store file, readable by its owner only: it holds every node's
+    /// record and certificates.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(|e| err(path, e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| err(path, e))?;
         let db = Arc::new(Database::create(path).map_err(|e| err(path, e))?);
         let w = db.begin_write().map_err(|e| err(path, e))?;
         w.open_table(KV).map_err(|e| err(path, e))?;
@@ -64,7 +74,7 @@ impl RedbStore {
     pub fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         let r = self.db.begin_read().map_err(|e| err(&self.path, e))?;
         let t = r.open_table(KV).map_err(|e| err(&self.path, e))?;
-        Ok(t.get(key).map_err(|e| err(&self.path, e))?.map(|g| decode(g.value())))
+        t.get(key).map_err(|e| err(&self.path, e))?.map(|g| decode(&self.path, key, g.value())).transpose()
     }
 
     pub fn list(&self, prefix: &str) -> Result<Vec<(String, Entry)>, StoreError> {
@@ -76,7 +86,7 @@ impl RedbStore {
             if !k.value().starts_with(prefix) {
                 break;
             }
-            out.push((k.value().to_string(), decode(v.value())));
+            out.push((k.value().to_string(), decode(&self.path, k.value(), v.value())?));
         }
         Ok(out)
     }
@@ -105,7 +115,7 @@ fn writer(db: &Database, path: &Path, rx: mpsc::Receiver<(Txn, Reply)>) {
             }
         }
         busy = batch.len() > 1;
-        match apply(db, &batch) {
+        match apply(db, path, &batch) {
             Ok(outcomes) => {
                 for ((_, reply), ok) in batch.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(ok));
@@ -123,7 +133,26 @@ fn writer(db: &Database, path: &Path, rx: mpsc::Receiver<(Txn, Reply)>) {
 
 /// Applies each transaction in order inside one write transaction; a transaction whose checks
 /// fail writes nothing. Returns whether each applied.
-fn apply(db: &Database, batch: &[(Txn, Reply)]) -> Result<Vec<bool>, ::redb::Error> {
+fn apply(db: &Database, path: &Path, batch: &[(Txn, Reply)]) -> Result<Vec<bool>, StoreError> {
+    let e = |x: ::redb::Error| err(path, x);
+    apply_redb(db, path, batch).map_err(|x| match x {
+        Applied::Redb(x) => e(x),
+        Applied::Store(s) => s,
+    })
+}
+
+enum Applied {
+    Redb(::redb::Error),
+    Store(StoreError),
+}
+
+impl<E: Into<::redb::Error>> From<E> for Applied {
+    fn from(e: E) -> Self {
+        Applied::Redb(e.into())
+    }
+}
+
+fn apply_redb(db: &Database, path: &Path, batch: &[(Txn, Reply)]) -> Result<Vec<bool>, Applied> {
     let w = db.begin_write()?;
     let mut outcomes = Vec::with_capacity(batch.len());
     {
@@ -133,7 +162,10 @@ fn apply(db: &Database, batch: &[(Txn, Reply)]) -> Result<Vec<bool>, ::redb::Err
         for (txn, _) in batch {
             let mut ok = true;
             for (key, want) in &txn.checks {
-                let have = kv.get(key.as_str())?.map(|g| decode(g.value()).version).unwrap_or(0);
+                let have = match kv.get(key.as_str())? {
+                    Some(g) => decode(path, key, g.value()).map_err(Applied::Store)?.version,
+                    None => 0,
+                };
                 if have != *want {
                     ok = false;
                     break;
@@ -146,6 +178,9 @@ fn apply(db: &Database, batch: &[(Txn, Reply)]) -> Result<Vec<bool>, ::redb::Err
                     raw.extend_from_slice(&seq.to_be_bytes());
                     raw.extend_from_slice(value);
                     kv.insert(key.as_str(), raw.as_slice())?;
+                }
+                for key in &txn.deletes {
+                    kv.remove(key.as_str())?;
                 }
             }
             outcomes.push(ok);
