@@ -342,6 +342,31 @@ mod tests {
                 None,
             ),
             (
+                "a role token for masters",
+                NewToken { role: Some(Role::Master), ..req(&[TokenUsage::Enrollment]) },
+                Some("enrolls workers only"),
+            ),
+            (
+                "a node credential for two machines",
+                NewToken {
+                    role: Some(Role::Master),
+                    node: Some("k8s-master1".into()),
+                    max_uses: Some(2),
+                    ..req(&[TokenUsage::Enrollment])
+                },
+                Some("one machine"),
+            ),
+            (
+                "a node credential",
+                NewToken {
+                    role: Some(Role::Master),
+                    node: Some("k8s-master1".into()),
+                    max_uses: Some(1),
+                    ..req(&[TokenUsage::Enrollment])
+                },
+                None,
+            ),
+            (
                 "zero ttl",
                 NewToken { ttl: Some(Duration::ZERO), ..req(&[TokenUsage::Signing]) },
                 Some("longer than zero"),

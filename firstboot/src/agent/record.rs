@@ -137,3 +137,40 @@ impl RecordFile {
         write_atomic(&self.path, &json, 0o600, None).map_err(|e| RecordError::Write(self.path.clone(), e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_with(text: &str) -> (tempfile::TempDir, RecordFile) {
+        let d = tempfile::tempdir().unwrap();
+        let f = RecordFile::new(d.path());
+        std::fs::create_dir_all(f.dir()).unwrap();
+        std::fs::write(paths::under(d.path(), paths::STATE_FILE), text).unwrap();
+        (d, f)
+    }
+
+    #[test]
+    fn a_damaged_edited_or_newer_state_file_is_an_error_not_a_panic() {
+        for (name, text, want) in [
+            ("truncated", r#"{"version": 1, "phase": "enr"#, "is not a firstboot state file"),
+            ("not JSON", "\u{0}\u{1}binary", "is not a firstboot state file"),
+            ("no version", r#"{"phase": "enroll"}"#, "no version"),
+            (
+                "newer",
+                r#"{"version": 7, "phase": "enroll", "future": true}"#,
+                "written by a newer firstboot (state version 7",
+            ),
+            ("an unknown phase", r#"{"version": 1, "phase": "pwn", "boots": 1}"#, "is not a firstboot state file"),
+        ] {
+            let (_d, f) = file_with(text);
+            let e = f.load().unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("state.json"), "{name}: {e}");
+        }
+        // Parses, but an earlier phase's result is missing: the phase that needs it says so.
+        let (_d, f) = file_with(r#"{"version": 1, "phase": "fetch", "boots": 2}"#);
+        let r = f.load().unwrap();
+        let e = r.need(&r.boot_config, "payload").unwrap_err().to_string();
+        assert!(e.contains("phase fetch is next but holds no payload"), "{e}");
+    }
+}
