@@ -7,6 +7,9 @@
 //! `openssl speed` and reports how close the run came to the crypto bound. Prints a Markdown
 //! section for BENCHMARKS.md.
 
+// A benchmark panics on purpose when its setup fails; this crate is not public API.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
 #[path = "../tests/support/mod.rs"]
 mod support;
 

@@ -1,6 +1,9 @@
 //! `cargo bench -p imgbuild --bench pki`: `imgbuild init` of the reference cluster, and
 //! certificate issuance per second. Prints a Markdown section for BENCHMARKS.md.
 
+// A benchmark panics on purpose when its setup fails; this crate is not public API.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
 use std::time::{Duration, Instant};
 
 use imgbuild::cluster::{Cluster, DEFAULT_MANIFEST, KeyAlgorithm};

@@ -17,14 +17,18 @@ use crate::tokens::TokenUsage;
 #[command(after_help = "Exit codes: 0 ok, 1 error, 2 usage, 3 invalid input (manifest, \
 definition, token), 4 missing state or host tool, 5 fetch or checksum failure.")]
 pub struct Cli {
+    /// Options every subcommand takes.
     #[command(flatten)]
     pub global: Global,
+    /// The bake's options, for `imgbuild --role ROLE` without a subcommand.
     #[command(flatten)]
     pub bake: BakeArgs,
+    /// The subcommand; none bakes images.
     #[command(subcommand)]
     pub command: Option<Command>,
 }
 
+/// Options every subcommand takes: the state directory and the log level.
 #[derive(Debug, Args)]
 pub struct Global {
     /// Cluster state directory
@@ -41,6 +45,7 @@ pub struct BakeArgs {
     /// Bake the image of this role (repeatable): master, worker, etcd
     #[arg(long, value_name = "ROLE")]
     pub role: Vec<Role>,
+    /// The image definition and cache to bake from.
     #[command(flatten)]
     pub image: ImageArgs,
     /// Output directory (images go to OUT/<role>/)
@@ -69,6 +74,7 @@ pub struct ImageArgs {
     pub cache: Option<PathBuf>,
 }
 
+/// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Resolve an image definition into its lock: every package and component, by sha256
@@ -90,6 +96,7 @@ pub enum Command {
     Nodes(NodesArgs),
 }
 
+/// `imgbuild payload --format`: how the payload reaches the machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PayloadFormat {
     /// Ignition v3 config
@@ -104,6 +111,7 @@ pub enum PayloadFormat {
     Json,
 }
 
+/// `imgbuild payload`: options.
 #[derive(Debug, Args)]
 pub struct PayloadArgs {
     /// Role the payload is for
@@ -129,6 +137,7 @@ pub struct PayloadArgs {
     pub boot_url: Option<String>,
 }
 
+/// `imgbuild serve`: options.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address and port to listen on (HTTPS)
@@ -170,8 +179,10 @@ pub struct ServeArgs {
     pub failures_per_minute: u32,
 }
 
+/// `imgbuild nodes`: options, and the operation (none lists the machines).
 #[derive(Debug, Args)]
 pub struct NodesArgs {
+    /// What to do; none lists every machine.
     #[command(subcommand)]
     pub command: Option<NodesCommand>,
     /// Print JSON instead of a table
@@ -182,6 +193,7 @@ pub struct NodesArgs {
     pub server: Option<String>,
 }
 
+/// `imgbuild nodes` operations.
 #[derive(Debug, Subcommand)]
 pub enum NodesCommand {
     /// Let a machine waiting for approval enroll, with the key its console shows
@@ -193,6 +205,7 @@ pub enum NodesCommand {
     Revoke(RevokeArgs),
 }
 
+/// `imgbuild nodes approve`: options.
 #[derive(Debug, Args)]
 pub struct ApproveArgs {
     /// The machine: its identity key (uuid:... or macs:...), a MAC or its UUID
@@ -209,12 +222,14 @@ pub struct ApproveArgs {
     pub role: Option<Role>,
 }
 
+/// `imgbuild nodes reset`: options.
 #[derive(Debug, Args)]
 pub struct ResetArgs {
     /// The node to unbind
     pub node: String,
 }
 
+/// `imgbuild nodes revoke`: by node or by credential.
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 pub struct RevokeArgs {
@@ -225,14 +240,18 @@ pub struct RevokeArgs {
     pub token: Option<String>,
 }
 
+/// `imgbuild lock`: options.
 #[derive(Debug, Args)]
 pub struct LockArgs {
+    /// The image definition to lock.
     #[command(flatten)]
     pub image: ImageArgs,
 }
 
+/// `imgbuild fetch`: options.
 #[derive(Debug, Args)]
 pub struct FetchArgs {
+    /// The image definition whose inputs to fetch.
     #[command(flatten)]
     pub image: ImageArgs,
     /// Only this role's inputs (repeatable; default: every role)
@@ -240,6 +259,7 @@ pub struct FetchArgs {
     pub role: Vec<Role>,
 }
 
+/// `imgbuild init`: options.
 #[derive(Debug, Args)]
 pub struct InitArgs {
     /// Cluster manifest (default: the embedded reference cluster)
@@ -251,6 +271,7 @@ pub struct InitArgs {
     pub rotate: Vec<Rotate>,
 }
 
+/// `imgbuild validate`: options.
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
     /// Cluster manifest to check (default: the embedded reference cluster)
@@ -258,6 +279,7 @@ pub struct ValidateArgs {
     pub manifest: Option<PathBuf>,
 }
 
+/// `imgbuild token` operations.
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Create a token and print it on stdout
@@ -268,6 +290,7 @@ pub enum TokenCommand {
     Revoke(TokenRevokeArgs),
 }
 
+/// `imgbuild token create`: options.
 #[derive(Debug, Args)]
 pub struct TokenCreateArgs {
     /// Lifetime, e.g. 24h, 7d; 0 for a token that never expires
@@ -293,6 +316,7 @@ pub struct TokenCreateArgs {
     pub description: String,
 }
 
+/// `imgbuild token list`: options.
 #[derive(Debug, Args)]
 pub struct TokenListArgs {
     /// Print JSON instead of a table
@@ -300,6 +324,7 @@ pub struct TokenListArgs {
     pub json: bool,
 }
 
+/// `imgbuild token revoke`: options.
 #[derive(Debug, Args)]
 pub struct TokenRevokeArgs {
     /// The token's id (its first six characters)

@@ -14,9 +14,13 @@ use crate::tokens::{NewToken, TokenState, TokenUsage};
 
 /// Exit codes, as `imgbuild --help` documents them.
 pub mod exit {
+    /// Any other failure.
     pub const ERROR: u8 = 1;
+    /// An invalid manifest, definition, token or option value.
     pub const INVALID_INPUT: u8 = 3;
+    /// No cluster state, or a host tool or file the command needs is missing.
     pub const MISSING: u8 = 4;
+    /// A download or checksum failed.
     pub const FETCH: u8 = 5;
 }
 
@@ -65,6 +69,7 @@ fn image_exit_code(cause: &(dyn std::error::Error + 'static)) -> Option<u8> {
 #[error("{0}")]
 pub struct InvalidInput(pub String);
 
+/// `imgbuild init`: creates or completes the state dir and prints what it did.
 pub fn init(global: &Global, args: &InitArgs) -> Result<()> {
     let cluster = Cluster::load(args.manifest.as_deref())?;
     let st = State::new(&global.state);
@@ -81,6 +86,7 @@ pub fn init(global: &Global, args: &InitArgs) -> Result<()> {
     Ok(())
 }
 
+/// `imgbuild validate`: checks a manifest (the error lists every problem) and prints its summary.
 pub fn validate(args: &ValidateArgs) -> Result<()> {
     let cluster = Cluster::load(args.manifest.as_deref())?;
     let file =
@@ -96,6 +102,7 @@ pub fn validate(args: &ValidateArgs) -> Result<()> {
     Ok(())
 }
 
+/// `imgbuild token create|list|revoke`.
 pub fn token(global: &Global, cmd: &TokenCommand) -> Result<()> {
     let st = State::new(&global.state);
     let cluster = st.cluster()?;
@@ -203,8 +210,9 @@ fn new_token(a: &TokenCreateArgs, cluster: &Cluster) -> Result<NewToken> {
     Ok(NewToken { ttl, usages, groups, description: a.description.clone(), role, node: a.node.clone(), max_uses })
 }
 
+/// For display; a time RFC 3339 cannot write (a year past 9999) is shown as `time` writes it.
 fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339).expect("valid time")
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| t.to_string())
 }
 
 /// Written by `imgbuild serve` while it runs, so that `imgbuild nodes` finds it.
@@ -218,6 +226,7 @@ fn serve_run_file(st: &State) -> std::path::PathBuf {
     st.root.join("serve.json")
 }
 
+/// `imgbuild serve`: runs the enrollment server until SIGTERM or Ctrl-C.
 pub fn serve(global: &Global, args: &crate::cli::ServeArgs) -> Result<()> {
     use crate::serve::{Backend, ServeOptions, store::EtcdConfig};
     let st = State::new(&global.state);
@@ -254,19 +263,19 @@ pub fn serve(global: &Global, args: &crate::cli::ServeArgs) -> Result<()> {
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot install the SIGTERM handler")?;
         let running = crate::serve::start(&st, &opts).await?;
         let run = ServeRun { listen: running.addr, pid: std::process::id() };
         proto::fsutil::write_atomic(&serve_run_file(&st), &serde_json::to_vec(&run)?, 0o600, None)?;
         eprintln!("serving enrollment on https://{} (state {})", running.addr, st.root.display());
-        running.until(shutdown_signal()).await;
+        running.until(shutdown_signal(term)).await;
         let _ = std::fs::remove_file(serve_run_file(&st));
         Ok(())
     })
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+async fn shutdown_signal(mut term: tokio::signal::unix::Signal) {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -327,6 +336,7 @@ fn server_url(st: &State, given: &Option<String>) -> Result<String> {
     Ok(format!("https://{}", std::net::SocketAddr::new(ip, run.listen.port())))
 }
 
+/// `imgbuild nodes`: lists the server's machines, or approves, resets or revokes one.
 pub fn nodes(global: &Global, args: &crate::cli::NodesArgs) -> Result<()> {
     use crate::cli::NodesCommand as C;
     use proto::wire::*;
@@ -487,6 +497,7 @@ pub fn bake(global: &Global, args: &crate::cli::BakeArgs) -> Result<()> {
     Ok(())
 }
 
+/// `imgbuild lock`: resolves the image definition and writes its lock beside it.
 pub fn lock(args: &crate::cli::LockArgs) -> Result<()> {
     use crate::image::{cache::Cache, definition::Definition, lock};
     let (def, text) = Definition::load(&args.image.image)?;
@@ -500,6 +511,7 @@ pub fn lock(args: &crate::cli::LockArgs) -> Result<()> {
     Ok(())
 }
 
+/// `imgbuild fetch`: puts every input of the locked images (of `--role`, or all) into the cache.
 pub fn fetch(args: &crate::cli::FetchArgs) -> Result<()> {
     use crate::image::{fetch, lock, prepare};
     let rt = runtime()?;
@@ -511,6 +523,7 @@ pub fn fetch(args: &crate::cli::FetchArgs) -> Result<()> {
     Ok(())
 }
 
+/// `imgbuild payload`: writes a role's or a node's payload in the asked format.
 pub fn payload(global: &Global, args: &crate::cli::PayloadArgs) -> Result<()> {
     use crate::cli::PayloadFormat as F;
     use crate::payload as p;

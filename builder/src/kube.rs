@@ -20,6 +20,10 @@ pub fn bootstrap_token_secret(t: &TokenRecord) -> Value {
         data.insert("description".into(), t.description.clone().into());
     }
     if let Some(exp) = t.expires {
+        #[expect(
+            clippy::expect_used,
+            reason = "token expiries are UTC and round-trip tokens.json as RFC 3339, so they format as RFC 3339"
+        )]
         let rfc = exp.format(&time::format_description::well_known::Rfc3339).expect("valid time");
         data.insert("expiration".into(), rfc.into());
     }
@@ -74,6 +78,7 @@ pub fn node_bootstrap_rbac(group: &str) -> Vec<Value> {
 }
 
 /// The kubeconfig stored in `cluster-info` (the bootstrap signer signs these exact bytes).
+#[expect(clippy::expect_used, reason = "an embedded template given every variable it uses; the kube tests render it")]
 pub fn cluster_info_kubeconfig(ca_pem: &str, server: &str) -> String {
     templates::render("cluster-info-kubeconfig.yaml", json!({"ca_data": B64.encode(ca_pem), "server": server}))
         .expect("cluster-info template renders")
@@ -105,6 +110,7 @@ pub fn cluster_info(ca_pem: &str, server: &str) -> Vec<Value> {
 }
 
 /// Objects as a multi-document YAML file for `kubectl apply -f`.
+#[expect(clippy::expect_used, reason = "YAML can write every JSON value")]
 pub fn to_yaml(objects: &[Value]) -> String {
     objects
         .iter()
@@ -115,17 +121,34 @@ pub fn to_yaml(objects: &[Value]) -> String {
 
 /// Where a kubeconfig finds the CA.
 pub enum CaRef<'a> {
+    /// Embedded as `certificate-authority-data` (this PEM).
     Pem(&'a str),
+    /// Referenced as `certificate-authority` (a path on the node).
     File(&'a str),
 }
 
 /// How a kubeconfig's user authenticates.
 pub enum Auth<'a> {
+    /// A bearer token (a bootstrap token, `id.secret`).
     Token(&'a str),
-    CertPem { cert: &'a str, key: &'a str },
-    CertFiles { cert: &'a str, key: &'a str },
+    /// A client certificate and key embedded as `client-*-data` (PEM).
+    CertPem {
+        /// The certificate, PEM.
+        cert: &'a str,
+        /// The private key, PEM.
+        key: &'a str,
+    },
+    /// A client certificate and key referenced by path on the node.
+    CertFiles {
+        /// The certificate's path.
+        cert: &'a str,
+        /// The key's path.
+        key: &'a str,
+    },
 }
 
+/// A kubeconfig with one cluster (`server`, trusting `ca`), one user and one context.
+#[expect(clippy::expect_used, reason = "an embedded template given every variable it uses; the kube tests render it")]
 pub fn kubeconfig(cluster: &str, server: &str, ca: CaRef<'_>, user: &str, auth: Auth<'_>) -> String {
     let mut ctx = serde_json::Map::new();
     ctx.insert("cluster".into(), cluster.into());

@@ -1,3 +1,6 @@
+//! imgbuild: the command line over the `imgbuild` library: bake role images, `init` a cluster's
+//! state, manage tokens, make payloads, `serve` enrollment and list `nodes`.
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 

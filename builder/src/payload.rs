@@ -31,34 +31,58 @@ pub const IGNITION_VERSIONS: &[&str] = &["3.6.0", "3.5.0", "3.4.0", "3.3.0", "3.
 /// VMware guestinfo values larger than this do not travel reliably through VMX extraConfig.
 pub const GUESTINFO_LIMIT: usize = 64 * 1024;
 
+/// Why a payload cannot be made.
 #[derive(Debug, thiserror::Error)]
 pub enum PayloadError {
+    /// No valid role token for the role.
     #[error(
         "no valid enrollment token for role {0}: run `imgbuild init --rotate enrollment-tokens` or `imgbuild token create --usages enrollment --role {0}`"
     )]
     NoToken(Role),
+    /// The node (named) has no valid one-time credential.
     #[error(
         "node {0} has no valid credential (spent, expired or revoked): `imgbuild nodes reset {0}` unbinds it and makes a new one"
     )]
     NoCredential(String),
+    /// The manifest has no node of this name.
     #[error("no node '{0}' in the cluster manifest")]
     NoNode(String),
+    /// The node has another role than the one asked for.
     #[error("node {node} is a {actual}, not a {wanted}")]
-    WrongRole { node: String, actual: Role, wanted: Role },
+    WrongRole {
+        /// The node.
+        node: String,
+        /// Its role.
+        actual: Role,
+        /// The role asked for.
+        wanted: Role,
+    },
+    /// An Ignition spec version the ignition-config crate does not know.
     #[error("Ignition spec {0} is not supported (valid: {list})", list = IGNITION_VERSIONS.join(", "))]
     IgnitionVersion(String),
+    /// A guestinfo value would be over the size limit.
     #[error(
         "{key} would be {size} bytes, over the {limit}-byte guestinfo limit: use --encoding gzip+base64, or deliver the payload by PXE"
     )]
-    TooLarge { key: String, size: usize, limit: usize },
+    TooLarge {
+        /// The guestinfo key.
+        key: String,
+        /// The encoded value's size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The node (named) has no MAC for a per-MAC iPXE script.
     #[error("node {0} has no MAC address: a per-MAC iPXE script needs one")]
     NoMac(String),
+    /// The state directory cannot be read (tokens, the CA).
     #[error(transparent)]
     State(#[from] StateError),
 }
 
 /// Who a payload is for.
 pub struct Target<'a> {
+    /// The role the machine is to have.
     pub role: Role,
     /// A single node: its static address rides along.
     pub node: Option<&'a Node>,
@@ -122,6 +146,7 @@ pub fn node<'a>(cluster: &'a Cluster, name: &str, role: Role) -> Result<&'a Node
 }
 
 /// The payload file, as firstboot reads it (compact JSON, one line).
+#[expect(clippy::expect_used, reason = "a BootConfig is strings, numbers and addresses: JSON can hold all of them")]
 pub fn config_json(cfg: &BootConfig) -> String {
     serde_json::to_string(cfg).expect("boot config serializes")
 }
@@ -172,10 +197,15 @@ pub fn ignition(cfg: &BootConfig, version: &str) -> Result<String, PayloadError>
         other => return Err(PayloadError::IgnitionVersion(other.into())),
     };
     strip_nulls(&mut v);
+    #[expect(clippy::expect_used, reason = "a serde_json::Value always serializes")]
     Ok(serde_json::to_string_pretty(&v).expect("json") + "\n")
 }
 
 /// A `#cloud-config` that writes the payload (0600) and starts firstboot.
+#[expect(
+    clippy::expect_used,
+    reason = "an embedded template given every variable it uses; the payload tests render it"
+)]
 pub fn cloud_config(cfg: &BootConfig, cluster: &Cluster, target: &Target<'_>) -> String {
     templates::render(
         "cloud-config.yaml",
@@ -184,13 +214,17 @@ pub fn cloud_config(cfg: &BootConfig, cluster: &Cluster, target: &Target<'_>) ->
     .expect("cloud-config template renders")
 }
 
+/// How a guestinfo value is encoded (its `.encoding` key says which).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
+    /// Plain base64.
     Base64,
+    /// gzip, then base64: for payloads near the size limit.
     GzipBase64,
 }
 
 impl Encoding {
+    /// The name the `.encoding` key and `--encoding` use.
     pub fn as_str(self) -> &'static str {
         match self {
             Encoding::Base64 => "base64",
@@ -198,6 +232,8 @@ impl Encoding {
         }
     }
 
+    /// `data` encoded; the same input always gives the same text.
+    #[expect(clippy::expect_used, reason = "gzip into a Vec<u8> cannot fail: writing to memory does not")]
     pub fn encode(self, data: &str) -> String {
         match self {
             Encoding::Base64 => B64.encode(data),
@@ -267,6 +303,10 @@ pub fn payload_url(cluster: &Cluster, target: &Target<'_>) -> String {
 
 /// An iPXE script that boots the role's PXE set from `base` and hands the kernel the payload's
 /// location and the CA pin. `extra` goes on the kernel command line as well.
+#[expect(
+    clippy::expect_used,
+    reason = "an embedded template given every variable it uses; the payload tests render it"
+)]
 pub fn ipxe(cfg: &BootConfig, cluster: &Cluster, target: &Target<'_>, base: &str) -> String {
     let mut extra = String::new();
     if let Some(mac) = target.node.and_then(|n| n.mac.as_ref()) {

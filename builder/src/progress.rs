@@ -45,6 +45,7 @@ impl Progress {
         if plain || !std::io::stderr().is_terminal() { Progress::plain() } else { Progress::bars() }
     }
 
+    /// Plain lines, whatever stderr is.
     pub fn plain() -> Self {
         Progress { bars: None }
     }
@@ -65,6 +66,7 @@ impl Progress {
                 Unit::Time => (0, "{spinner} {msg:32!} {elapsed:>4}"),
             };
             let bar = m.add(ProgressBar::new(len));
+            #[expect(clippy::expect_used, reason = "the three templates above are constants in indicatif's syntax")]
             bar.set_style(ProgressStyle::with_template(template).expect("valid template"));
             if let Unit::Items(_, what) = unit {
                 bar.set_prefix(what);
@@ -104,6 +106,7 @@ struct Plain {
 }
 
 impl Task {
+    /// Counts `n` more (bytes or items).
     pub fn inc(&self, n: u64) {
         match &self.bar {
             Some(b) => b.inc(n),
@@ -111,6 +114,7 @@ impl Task {
         }
     }
 
+    /// Sets the count so far.
     pub fn set_position(&self, n: u64) {
         match &self.bar {
             Some(b) => b.set_position(n),
@@ -118,6 +122,11 @@ impl Task {
         }
     }
 
+    /// Sets the count in all, once it is known.
+    #[expect(
+        clippy::expect_used,
+        reason = "the lock is held only to update counters and log a line, which do not panic: never poisoned"
+    )]
     pub fn set_length(&self, n: u64) {
         match &self.bar {
             Some(b) => b.set_length(n),
@@ -127,6 +136,10 @@ impl Task {
 
     /// Moves the plain-text position; says where it is when the last line is old enough.
     fn plain_at(&self, pos: impl FnOnce(&Plain) -> u64) {
+        #[expect(
+            clippy::expect_used,
+            reason = "the lock is held only to update counters and log a line, which do not panic: never poisoned"
+        )]
         let mut p = self.plain.lock().expect("task lock");
         p.pos = pos(&p);
         if p.said.elapsed() < PLAIN_EVERY {
@@ -146,12 +159,17 @@ impl Task {
         match &self.bar {
             Some(b) => b.set_prefix(prefix),
             None => {
+                #[expect(
+                    clippy::expect_used,
+                    reason = "the lock is held only to update counters and log a line, which do not panic: never poisoned"
+                )]
                 let mut p = self.plain.lock().expect("task lock");
                 p.unit = Unit::Items(p.len, prefix);
             }
         }
     }
 
+    /// Time since the task started.
     pub fn elapsed(&self) -> Duration {
         self.start.elapsed()
     }

@@ -27,33 +27,58 @@ use crate::tokens::{NewToken, TokenError, TokenStore, TokenUsage};
 
 /// `--state` default and its environment variable.
 pub const DEFAULT_STATE_DIR: &str = "cluster";
+/// The environment variable that sets `--state`.
 pub const STATE_ENV: &str = "IMGBUILD_STATE";
 
 /// Leaf certificates in the state dir are re-issued when they expire within this long.
 const RENEW_BEFORE: time::Duration = time::Duration::days(30);
 
+/// Why the state directory cannot be read, created or completed.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
+    /// The directory (given) has no `cluster.yaml`: `init` has not run there.
     #[error("{0} has no cluster state (no cluster.yaml); run `imgbuild init --state {0}` first")]
     Missing(String),
+    /// A file or directory cannot be written.
     #[error("cannot write {path}")]
     Write {
+        /// The file or directory.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// The directory belongs to another cluster than the manifest's.
     #[error(
         "{dir} holds the state of cluster '{existing}', but the manifest is for '{new}'; use another --state directory"
     )]
-    OtherCluster { dir: String, existing: String, new: String },
+    OtherCluster {
+        /// The state directory.
+        dir: String,
+        /// The cluster it holds.
+        existing: String,
+        /// The manifest's cluster.
+        new: String,
+    },
+    /// A certificate or key exists without its other half.
     #[error(
         "{present} exists but {missing} does not; refusing to generate a new key for an existing certificate (restore the file, or replace both with --rotate {name})"
     )]
-    HalfPair { present: PathBuf, missing: PathBuf, name: &'static str },
+    HalfPair {
+        /// The half that exists.
+        present: PathBuf,
+        /// The half that does not.
+        missing: PathBuf,
+        /// What `--rotate` takes to replace both.
+        name: &'static str,
+    },
+    /// The state's `cluster.yaml` cannot be loaded.
     #[error(transparent)]
     Manifest(#[from] LoadError),
+    /// A CA or key cannot be loaded, made or used.
     #[error(transparent)]
     Pki(#[from] PkiError),
+    /// `tokens.json` cannot be read or written.
     #[error(transparent)]
     Tokens(#[from] TokenError),
 }
@@ -61,16 +86,24 @@ pub enum StateError {
 /// What `--rotate` can replace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rotate {
+    /// One of the CAs (`ca`, `etcd-ca`, `front-proxy-ca`, `enrollment-ca`): a new key and certificate.
     Ca(CaKind),
+    /// `sa`: the service-account signing key pair.
     ServiceAccount,
+    /// `serve-cert`: `imgbuild serve`'s certificate.
     ServeCert,
+    /// `admin`: the operator's kubeconfig credentials.
     Admin,
+    /// `serve-admin`: the operator's identity on `imgbuild serve`.
     ServeAdmin,
+    /// `join-token`: revoke the Kubernetes join tokens and make a new one.
     JoinToken,
+    /// `enrollment-tokens`: revoke every node credential and worker token and make new ones.
     EnrollmentTokens,
 }
 
 impl Rotate {
+    /// Every name `--rotate` takes, for help and errors.
     pub const NAMES: &'static str =
         "ca, etcd-ca, front-proxy-ca, enrollment-ca, sa, serve-cert, admin, serve-admin, join-token, enrollment-tokens";
 }
@@ -96,35 +129,45 @@ impl std::str::FromStr for Rotate {
 /// A cluster state directory.
 #[derive(Debug, Clone)]
 pub struct State {
+    /// The directory.
     pub root: PathBuf,
 }
 
 impl State {
+    /// The state directory at `root` (which need not exist yet).
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
     }
 
+    /// `cluster.yaml`: the resolved spec; its presence marks a complete state dir.
     pub fn cluster_file(&self) -> PathBuf {
         self.root.join("cluster.yaml")
     }
+    /// `pki/`: CAs, keys and the operator's certificates, in kubeadm's layout.
     pub fn pki_dir(&self) -> PathBuf {
         self.root.join("pki")
     }
+    /// `tokens.json`: every token and credential (0600).
     pub fn tokens_file(&self) -> PathBuf {
         self.root.join("tokens.json")
     }
+    /// `kube/`: objects for `kubectl apply -f`.
     pub fn kube_dir(&self) -> PathBuf {
         self.root.join("kube")
     }
+    /// `admin.conf`: the operator's kubeconfig (0600).
     pub fn admin_kubeconfig(&self) -> PathBuf {
         self.root.join("admin.conf")
     }
+    /// `store/`: `imgbuild serve`'s embedded database.
     pub fn store_dir(&self) -> PathBuf {
         self.root.join("store")
     }
+    /// `imgbuild serve`'s certificate, issued by the cluster CA.
     pub fn serve_cert(&self) -> PathBuf {
         self.pki_dir().join("serve.crt")
     }
+    /// `imgbuild serve`'s key.
     pub fn serve_key(&self) -> PathBuf {
         self.pki_dir().join("serve.key")
     }
@@ -132,10 +175,12 @@ impl State {
     pub fn serve_admin_cert(&self) -> PathBuf {
         self.pki_dir().join("imgbuild-admin.crt")
     }
+    /// The key of the operator's identity on `imgbuild serve`.
     pub fn serve_admin_key(&self) -> PathBuf {
         self.pki_dir().join("imgbuild-admin.key")
     }
 
+    /// Whether `init` has completed here.
     pub fn exists(&self) -> bool {
         self.cluster_file().is_file()
     }
@@ -148,10 +193,12 @@ impl State {
         Ok(Cluster::load(Some(&self.cluster_file()))?)
     }
 
+    /// The CA of `kind`, with its key.
     pub fn ca(&self, kind: CaKind) -> Result<Ca, StateError> {
         Ok(Ca::load(&self.pki_dir(), kind)?)
     }
 
+    /// The token store (empty when there is no `tokens.json` yet).
     pub fn tokens(&self) -> Result<TokenStore, StateError> {
         Ok(TokenStore::load(&self.tokens_file())?)
     }
@@ -207,12 +254,16 @@ impl State {
 /// One line of `init`'s summary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step {
+    /// What was done: `created`, `kept`, `rotated`, `issued`, `revoked`, `rendered`, `wrote`.
     pub action: &'static str,
+    /// To what, with details.
     pub what: String,
 }
 
+/// What `imgbuild init` did, for its summary.
 #[derive(Debug, Default)]
 pub struct InitReport {
+    /// One line per file or token, in order.
     pub steps: Vec<Step>,
     /// Non-fatal findings (e.g. a manifest setting that the kept PKI does not follow).
     pub warnings: Vec<String>,
@@ -289,6 +340,7 @@ pub fn init(state: &State, cluster: &Cluster, rotate: &[Rotate]) -> Result<InitR
         };
         cas.push(ca);
     }
+    #[expect(clippy::expect_used, reason = "`cas` has one CA per kind of `CaKind::ALL`")]
     let cluster_ca = cas.iter().find(|c| c.kind == CaKind::Cluster).expect("cluster CA");
 
     // --- service-account key pair ---------------------------------------------------------------
@@ -349,6 +401,7 @@ pub fn init(state: &State, cluster: &Cluster, rotate: &[Rotate]) -> Result<InitR
         .is_ok_and(|pem| leaf_is_current(&pem, &pki::serve_admin_spec(), now))
         && state.serve_admin_key().exists();
     if !serve_admin_current || rotated_enrollment_ca || rotate.contains(&Rotate::ServeAdmin) {
+        #[expect(clippy::expect_used, reason = "`cas` has one CA per kind of `CaKind::ALL`")]
         let enrollment_ca = cas.iter().find(|c| c.kind == CaKind::Enrollment).expect("enrollment CA");
         let (cert, key) = enrollment_ca.issue_with_new_key(&pki::serve_admin_spec(), alg, cluster.pki.cert_validity)?;
         state.write(&state.serve_admin_key(), key.as_bytes(), 0o600)?;
@@ -376,23 +429,24 @@ pub fn init(state: &State, cluster: &Cluster, rotate: &[Rotate]) -> Result<InitR
             report.step("revoked", format!("enrollment token {id}"));
         }
     }
-    if tokens.join_token(now).is_none() {
-        let (usages, groups) = kube::join_token_usages();
-        let t = tokens.create(
-            NewToken {
-                ttl: Some(cluster.enrollment.join_token_ttl),
-                usages: usages.into_iter().collect(),
-                groups,
-                description: "kubelet TLS bootstrap (imgbuild init)".into(),
-                role: None,
-                node: None,
-                max_uses: None,
-            },
-            now,
-        )?;
-        report.step("created", format!("join token {} (kubelet TLS bootstrap)", t.id()));
-    } else {
-        report.step("kept", format!("join token {}", tokens.join_token(now).expect("checked").id()));
+    match tokens.join_token(now) {
+        Some(t) => report.step("kept", format!("join token {}", t.id())),
+        None => {
+            let (usages, groups) = kube::join_token_usages();
+            let t = tokens.create(
+                NewToken {
+                    ttl: Some(cluster.enrollment.join_token_ttl),
+                    usages: usages.into_iter().collect(),
+                    groups,
+                    description: "kubelet TLS bootstrap (imgbuild init)".into(),
+                    role: None,
+                    node: None,
+                    max_uses: None,
+                },
+                now,
+            )?;
+            report.step("created", format!("join token {} (kubelet TLS bootstrap)", t.id()));
+        }
     }
     // Every inventory node: its own one-time credential, for its node payload.
     for node in &cluster.nodes {

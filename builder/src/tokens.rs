@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 /// The group kubeadm gives join tokens; the RBAC bindings we render are for it.
 pub const DEFAULT_NODE_GROUP: &str = "system:bootstrappers:kubeadm:default-node-token";
 
+/// What a token may be used for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenUsage {
@@ -38,6 +39,7 @@ impl std::str::FromStr for TokenUsage {
 }
 
 impl TokenUsage {
+    /// The lowercase name used in `tokens.json`, Secrets and the command line.
     pub fn as_str(self) -> &'static str {
         match self {
             TokenUsage::Authentication => "authentication",
@@ -47,17 +49,23 @@ impl TokenUsage {
     }
 }
 
+/// One token in `tokens.json`, with its limits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TokenRecord {
+    /// The token itself (id and secret).
     pub token: BootstrapToken,
+    /// What it is for, as the operator or `init` wrote it.
     pub description: String,
+    /// When it was created; the newest valid token of a kind is the one used.
     #[serde(with = "time::serde::rfc3339")]
     pub created: OffsetDateTime,
     /// `None`: never expires.
     #[serde(with = "time::serde::rfc3339::option")]
     pub expires: Option<OffsetDateTime>,
+    /// Kubernetes usages, or `enrollment` alone.
     pub usages: BTreeSet<TokenUsage>,
+    /// Kubernetes: extra `system:bootstrappers:` groups it authenticates as.
     #[serde(default)]
     pub groups: Vec<String>,
     /// Enrollment tokens: the role a machine enrolling with this token gets.
@@ -69,18 +77,24 @@ pub struct TokenRecord {
     /// Enrollment tokens: how many machines may enroll with it (`None`: no limit).
     #[serde(default)]
     pub max_uses: Option<u32>,
+    /// When it was revoked; a revoked token is never valid again.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub revoked: Option<OffsetDateTime>,
 }
 
+/// Whether a token may be used now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenState {
+    /// Neither expired nor revoked.
     Valid,
+    /// Past its expiry.
     Expired,
+    /// Revoked by the operator or `init --rotate`.
     Revoked,
 }
 
 impl TokenState {
+    /// The word `imgbuild token list` shows.
     pub fn as_str(self) -> &'static str {
         match self {
             TokenState::Valid => "valid",
@@ -91,10 +105,12 @@ impl TokenState {
 }
 
 impl TokenRecord {
+    /// The token's public id.
     pub fn id(&self) -> &str {
         self.token.id()
     }
 
+    /// Whether it may be used at `now` (revocation wins over expiry).
     pub fn state(&self, now: OffsetDateTime) -> TokenState {
         if self.revoked.is_some() {
             TokenState::Revoked
@@ -114,34 +130,55 @@ impl TokenRecord {
 /// What `token create` asks for.
 #[derive(Debug, Clone)]
 pub struct NewToken {
+    /// How long it stays valid; `None`: never expires.
     pub ttl: Option<Duration>,
+    /// What it may be used for: Kubernetes usages, or `enrollment` alone.
     pub usages: BTreeSet<TokenUsage>,
+    /// Kubernetes: extra bootstrap groups (needs `authentication`).
     pub groups: Vec<String>,
+    /// What it is for.
     pub description: String,
+    /// Enrollment: the role a machine enrolling with it gets (required).
     pub role: Option<Role>,
     /// A node's credential: the inventory node it is for.
     pub node: Option<String>,
+    /// Enrollment: how many machines may use it; a node's credential must say 1.
     pub max_uses: Option<u32>,
 }
 
+/// Why a token cannot be read, stored or made.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
+    /// `tokens.json` exists but cannot be read.
     #[error("cannot read {path}")]
     Read {
+        /// The token file.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// `tokens.json` does not parse.
     #[error("{path} is not a valid token file: {reason}")]
-    Parse { path: PathBuf, reason: String },
+    Parse {
+        /// The token file.
+        path: PathBuf,
+        /// The parser's reason.
+        reason: String,
+    },
+    /// `tokens.json` cannot be written.
     #[error("cannot write {path}")]
     Write {
+        /// The token file.
         path: PathBuf,
+        /// The I/O (or serialization) error.
         #[source]
         source: std::io::Error,
     },
+    /// No token has this id.
     #[error("no token with id '{0}' (see `imgbuild token list`)")]
     NotFound(String),
+    /// The request breaks a rule (the rule).
     #[error("invalid token request: {0}")]
     Invalid(String),
 }
@@ -155,8 +192,10 @@ pub fn is_valid_bootstrap_group(g: &str) -> bool {
         && rest.as_bytes()[rest.len() - 1].is_ascii_alphanumeric()
 }
 
+/// `tokens.json`, loaded: every token, with the file to save them to.
 pub struct TokenStore {
     path: PathBuf,
+    /// Every token, in creation order, revoked and expired ones included.
     pub records: Vec<TokenRecord>,
 }
 
@@ -172,8 +211,10 @@ impl TokenStore {
         Ok(Self { path: path.to_path_buf(), records })
     }
 
+    /// Writes every record back, atomically (0600).
     pub fn save(&self) -> Result<(), TokenError> {
-        let json = serde_json::to_vec_pretty(&self.records).expect("token records serialize");
+        let json = serde_json::to_vec_pretty(&self.records)
+            .map_err(|e| TokenError::Write { path: self.path.clone(), source: e.into() })?;
         proto::fsutil::write_atomic(&self.path, &json, 0o600, None)
             .map_err(|source| TokenError::Write { path: self.path.clone(), source })
     }
@@ -227,15 +268,18 @@ impl TokenStore {
             max_uses: req.max_uses,
             revoked: None,
         });
+        #[expect(clippy::expect_used, reason = "the record was pushed on the line above")]
         Ok(self.records.last().expect("just pushed"))
     }
 
+    /// Marks token `id` revoked at `now` (an earlier revocation stands).
     pub fn revoke(&mut self, id: &str, now: OffsetDateTime) -> Result<&TokenRecord, TokenError> {
         let rec = self.records.iter_mut().find(|r| r.id() == id).ok_or_else(|| TokenError::NotFound(id.to_string()))?;
         rec.revoked.get_or_insert(now);
         Ok(rec)
     }
 
+    /// The token with this id.
     pub fn get(&self, id: &str) -> Option<&TokenRecord> {
         self.records.iter().find(|r| r.id() == id)
     }
@@ -264,6 +308,7 @@ impl TokenStore {
 
 /// RFC 3339 with whole seconds, as the bootstrap token Secret's `expiration` is written.
 fn truncate_to_seconds(t: OffsetDateTime) -> OffsetDateTime {
+    #[expect(clippy::expect_used, reason = "0 is a valid nanosecond (0..1_000_000_000)")]
     t.replace_nanosecond(0).expect("0 ns is valid")
 }
 

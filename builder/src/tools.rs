@@ -28,14 +28,31 @@ const TOOLS: &[(&str, &str)] = &[
 /// How many lines of a failed tool's output an error keeps.
 const KEEP_LINES: usize = 24;
 
+/// Why a host tool did not do its job.
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
+    /// The tool is not installed or cannot be started.
     #[error(
         "host tool {tool} is missing or failed to start ({reason}): apt-get install {package} (or run .ci/setup-host)"
     )]
-    Missing { tool: String, package: String, reason: String },
+    Missing {
+        /// The tool (or files it needs).
+        tool: String,
+        /// The Debian package that provides it.
+        package: String,
+        /// Why it cannot run.
+        reason: String,
+    },
+    /// The tool ran and exited with a failure.
     #[error("{tool} failed ({status}){}", lines_after_colon(.output))]
-    Failed { tool: String, status: String, output: Vec<String> },
+    Failed {
+        /// The tool.
+        tool: String,
+        /// Its exit status.
+        status: String,
+        /// Its diagnostic lines, then its last lines.
+        output: Vec<String>,
+    },
 }
 
 fn lines_after_colon(lines: &[String]) -> String {

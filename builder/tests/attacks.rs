@@ -3,6 +3,9 @@
 //! attacker makes them (curl, openssl, raw TLS and raw HTTP bytes), never through firstboot's
 //! client. docs/security.md names each test next to the claim it proves.
 
+// Tests panic on purpose: a failed unwrap is a failed test; this crate is not public API.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
 mod support;
 
 use std::io::Read;

@@ -2,6 +2,9 @@
 //! v1.20.2, with the cluster's own CAs) signs the `cluster-info` we render, and its signature is
 //! byte for byte the one we compute; our CA pin equals openssl's.
 
+// Tests panic on purpose: a failed unwrap is a failed test; this crate is not public API.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
 mod support;
 
 use std::time::Duration;

@@ -2,6 +2,9 @@
 //! (host and systemd effects recorded), end to end through enroll, config, sign and report, and
 //! every refusal a demanding operator would check. What an attacker tries is in attacks.rs.
 
+// Tests panic on purpose: a failed unwrap is a failed test; this crate is not public API.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
 mod support;
 
 use std::path::Path;

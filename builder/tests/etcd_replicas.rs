@@ -2,6 +2,9 @@
 //! enrollments through both never give one node to two machines, nor one name or pod range to
 //! two nodes.
 
+// Tests panic on purpose: a failed unwrap is a failed test; this crate is not public API.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
 mod support;
 
 use std::collections::{HashMap, HashSet};

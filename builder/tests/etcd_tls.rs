@@ -1,6 +1,9 @@
 //! Proof with real parts: three Debian etcd members on loopback form a cluster with peer and
 //! client TLS from our PKI and client-certificate auth on.
 
+// Tests panic on purpose: a failed unwrap is a failed test; this crate is not public API.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
 mod support;
 
 use imgbuild::cluster::{Cluster, DEFAULT_MANIFEST};

@@ -2,6 +2,9 @@
 //! the server acknowledged, before the node recorded), then run again; and several firstboot
 //! processes in network namespaces of their own, each with its own address and MAC.
 
+// Tests panic on purpose: a failed unwrap is a failed test; this crate is not public API.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
 mod support;
 
 use std::collections::BTreeMap;

@@ -2,6 +2,9 @@
 //! parser, cloud-init's schema validator, firstboot), no key material anywhere, determinism, and
 //! the PXE path through `imgbuild serve`.
 
+// Tests panic on purpose: a failed unwrap is a failed test; this crate is not public API.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
 mod support;
 
 use std::process::Command;

@@ -1,5 +1,8 @@
 //! The embedded store under `kill -9`: nothing the server acknowledged is lost.
 
+// Tests panic on purpose: a failed unwrap is a failed test; this crate is not public API.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
 mod support;
 
 use std::collections::HashMap;

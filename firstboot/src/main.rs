@@ -80,6 +80,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         if cli.simulate {
             let log = proto::paths::under(&cli.root, proto::paths::STATE_DIR).join("effects.log");
+            #[expect(clippy::expect_used, reason = "a file joined onto a directory has a parent")]
             let _ = std::fs::create_dir_all(log.parent().expect("has parent"));
             let rec = || Recorder { effects: vec![], log: Some(log.clone()) };
             Agent::new(opts, rec(), rec())?.run().await

@@ -14,8 +14,11 @@ use crate::pin::CaPin;
 use crate::role::Role;
 use crate::token::BootstrapToken;
 
+/// The [`BootConfig::version`] this build writes and reads.
 pub const BOOT_CONFIG_VERSION: u32 = 1;
 
+/// The first-boot payload: where the enrollment server is, how to trust it, and the machine's
+/// credential.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct BootConfig {
@@ -36,6 +39,7 @@ pub struct BootConfig {
     pub network: Option<StaticNetwork>,
 }
 
+/// A static address for a node's NIC, for networks without DHCP.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StaticNetwork {
@@ -47,8 +51,10 @@ pub struct StaticNetwork {
     pub mac: Option<String>,
     /// `ip/prefix`.
     pub address: String,
+    /// The default gateway; no default route when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<IpAddr>,
+    /// DNS servers, in order of preference.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns: Vec<IpAddr>,
 }
@@ -59,15 +65,28 @@ pub enum CmdlineConfig {
     /// The whole payload on the command line.
     Inline(BootConfig),
     /// Fetch the payload from `url`; when it is HTTPS, trust only a server under `pin`.
-    Remote { url: String, pin: CaPin },
+    Remote {
+        /// Where the payload is (`http://` or `https://`).
+        url: String,
+        /// The CA an HTTPS `url`'s server must chain to.
+        pin: CaPin,
+    },
 }
 
+/// Why the kernel command line does not give a payload.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CmdlineError {
+    /// A `firstboot.` key (the first) is missing, which the second one needs.
     #[error("kernel command line: firstboot.{0} is missing (needed with {1})")]
     Missing(&'static str, &'static str),
+    /// A `firstboot.` key has a value that does not parse.
     #[error("kernel command line: firstboot.{key}: {reason}")]
-    Invalid { key: &'static str, reason: String },
+    Invalid {
+        /// The key without its `firstboot.` prefix.
+        key: &'static str,
+        /// Why its value does not parse.
+        reason: String,
+    },
 }
 
 impl BootConfig {

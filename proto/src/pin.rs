@@ -20,10 +20,13 @@ use crate::token::BootstrapToken;
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CaPin([u8; 32]);
 
+/// Why a pin or a certificate to pin cannot be had.
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
+    /// The text (its first 80 characters) is not `sha256:` and 64 hex digits.
     #[error("'{0}' is not a CA pin (expected sha256: followed by 64 hex digits)")]
     Format(String),
+    /// The certificate does not parse (the parser's reason).
     #[error("not a parsable X.509 certificate: {0}")]
     Certificate(String),
 }
@@ -44,6 +47,7 @@ impl CaPin {
         Self::of_cert_der(&der)
     }
 
+    /// The pin of a DER SubjectPublicKeyInfo.
     pub fn of_spki_der(spki: &[u8]) -> Self {
         let d = digest::digest(&digest::SHA256, spki);
         let mut out = [0u8; 32];
@@ -111,12 +115,16 @@ pub fn detached_jws(payload: &str, token: &BootstrapToken) -> String {
     format!("{header}..{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
 }
 
+/// Why a `cluster-info` signature does not verify.
 #[derive(Debug, thiserror::Error)]
 pub enum JwsError {
+    /// Not `header..signature` in base64url.
     #[error("not a detached JWS (expected header..signature)")]
     Format,
+    /// The header (first) is not HS256 with the token id (second) as `kid`.
     #[error("JWS header is {0}, expected alg HS256 with kid {1}")]
     Header(String, String),
+    /// The HMAC does not match with the token (its id).
     #[error("JWS signature does not verify with token {0}: cluster-info was not signed with this token")]
     Signature(String),
 }

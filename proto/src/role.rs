@@ -19,8 +19,10 @@ pub enum Role {
 }
 
 impl Role {
+    /// Every role.
     pub const ALL: [Role; 3] = [Role::Master, Role::Worker, Role::Etcd];
 
+    /// The lowercase name used in manifests, image names and on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Master => "master",
@@ -36,6 +38,7 @@ impl fmt::Display for Role {
     }
 }
 
+/// A role name that is not `master`, `worker` or `etcd` (the name given).
 #[derive(Debug, thiserror::Error)]
 #[error("unknown role '{0}' (valid: master, worker, etcd)")]
 pub struct UnknownRole(pub String);

@@ -39,14 +39,23 @@ pub fn install_default_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// Why a TLS client configuration cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// A certificate or key does not parse.
     #[error("{what}: {reason}")]
-    Pem { what: &'static str, reason: String },
+    Pem {
+        /// What the PEM was meant to hold (`client certificate`, `CA certificate`).
+        what: &'static str,
+        /// The parser's reason.
+        reason: String,
+    },
+    /// rustls refused a certificate, key or setting.
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
 }
 
+/// Every certificate in a PEM bundle, in order; `what` names the bundle in errors.
 pub fn certs_from_pem(pem: &str, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
@@ -57,6 +66,7 @@ pub fn certs_from_pem(pem: &str, what: &'static str) -> Result<Vec<CertificateDe
     Ok(certs)
 }
 
+/// The first private key (PKCS#8, PKCS#1 or SEC1) in a PEM text; `what` names it in errors.
 pub fn key_from_pem(pem: &str, what: &'static str) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem { what, reason: e.to_string() })
 }
@@ -66,6 +76,7 @@ pub fn key_from_pem(pem: &str, what: &'static str) -> Result<PrivateKeyDer<'stat
 pub struct ClientIdentity(RwLock<Option<Arc<CertifiedKey>>>);
 
 impl ClientIdentity {
+    /// An identity presenting `client` (certificate PEM chain, key PEM), or nothing when `None`.
     pub fn from_pem(client: Option<(&str, &str)>) -> Result<Arc<Self>, TlsError> {
         let identity = Arc::new(ClientIdentity::default());
         if let Some((cert, key)) = client {
@@ -78,10 +89,20 @@ impl ClientIdentity {
     pub fn set(&self, cert_pem: &str, key_pem: &str) -> Result<(), TlsError> {
         let certs = certs_from_pem(cert_pem, "client certificate")?;
         let certified = CertifiedKey::from_der(certs, key_from_pem(key_pem, "client key")?, &provider())?;
-        *self.0.write().expect("identity lock") = Some(Arc::new(certified));
+        #[expect(
+            clippy::expect_used,
+            reason = "the lock is only held to read or assign an Arc, which cannot panic: it is never poisoned"
+        )]
+        let mut identity = self.0.write().expect("identity lock");
+        *identity = Some(Arc::new(certified));
         Ok(())
     }
 
+    /// Whether a certificate is presented.
+    #[expect(
+        clippy::expect_used,
+        reason = "the lock is only held to read or assign an Arc, which cannot panic: it is never poisoned"
+    )]
     pub fn is_set(&self) -> bool {
         self.0.read().expect("identity lock").is_some()
     }
@@ -89,6 +110,10 @@ impl ClientIdentity {
 
 impl ResolvesClientCert for ClientIdentity {
     fn resolve(&self, _hints: &[&[u8]], schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        #[expect(
+            clippy::expect_used,
+            reason = "the lock is only held to read or assign an Arc, which cannot panic: it is never poisoned"
+        )]
         let certified = self.0.read().expect("identity lock").clone()?;
         certified.key.choose_scheme(schemes).is_some().then_some(certified)
     }

@@ -8,7 +8,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+/// Characters of a token's public id.
 pub const ID_LEN: usize = 6;
+/// Characters of a token's secret.
 pub const SECRET_LEN: usize = 16;
 
 /// A bootstrap token. `Debug` and `Display` never show the secret; use [`BootstrapToken::expose`]
@@ -19,6 +21,7 @@ pub struct BootstrapToken {
     secret: String,
 }
 
+/// A string that is not a bootstrap token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("'{shown}' is not a bootstrap token (expected [a-z0-9]{{6}}.[a-z0-9]{{16}})")]
 pub struct InvalidToken {
@@ -36,10 +39,12 @@ impl BootstrapToken {
         Self { id: random_string(ID_LEN), secret: random_string(SECRET_LEN) }
     }
 
+    /// The public part: names the token in Secrets, the audit log and `imgbuild token list`.
     pub fn id(&self) -> &str {
         &self.id
     }
 
+    /// The secret part: never logged; keys the bootstrap signer's HMAC.
     pub fn secret(&self) -> &str {
         &self.secret
     }
@@ -68,6 +73,10 @@ pub fn random_string(len: usize) -> String {
     let mut out = String::with_capacity(len);
     let mut buf = [0u8; 32];
     while out.len() < len {
+        #[expect(
+            clippy::expect_used,
+            reason = "getrandom(2) blocks until the kernel's pool is seeded and then does not fail; a token without randomness must not exist"
+        )]
         rng.fill(&mut buf).expect("the system CSPRNG failed");
         // 252 = 7 * 36: bytes >= 252 would bias the first symbols, so they are dropped.
         for b in buf.iter().filter(|&&b| b < 252) {

@@ -6,7 +6,7 @@
 //! resolved spec written to the state dir), and check it in [`validate`].
 
 mod locate;
-pub mod raw;
+pub(crate) mod raw;
 mod types;
 mod validate;
 
@@ -14,10 +14,11 @@ use std::fmt;
 use std::path::Path;
 
 pub use types::*;
-pub use validate::validate;
+pub(crate) use validate::validate;
 
 /// The reference cluster, built into the binary.
 pub const DEFAULT_MANIFEST: &str = include_str!("../../../manifests/cluster.yaml");
+/// How problems name [`DEFAULT_MANIFEST`], which has no file name.
 pub const DEFAULT_MANIFEST_NAME: &str = "<embedded reference cluster>";
 
 /// One thing wrong with a manifest.
@@ -25,6 +26,7 @@ pub const DEFAULT_MANIFEST_NAME: &str = "<embedded reference cluster>";
 pub struct Problem {
     /// Field path, e.g. `spec.nodes[2].mac`.
     pub path: String,
+    /// 1-based line in the manifest, when the path can be found in it.
     pub line: Option<usize>,
     /// The offending value as written, when there is one.
     pub value: Option<String>,
@@ -48,7 +50,9 @@ impl fmt::Display for Problem {
 /// Every problem found in one manifest.
 #[derive(Debug, Clone, thiserror::Error)]
 pub struct Problems {
+    /// The manifest's file name (or [`DEFAULT_MANIFEST_NAME`]).
     pub file: String,
+    /// The problems, by line.
     pub list: Vec<Problem>,
 }
 
@@ -63,14 +67,19 @@ impl fmt::Display for Problems {
     }
 }
 
+/// Why a manifest could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// The file cannot be read.
     #[error("cannot read cluster manifest {path}")]
     Read {
+        /// The manifest's path.
         path: String,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// The file does not parse or is not valid.
     #[error(transparent)]
     Invalid(#[from] Problems),
 }
@@ -129,6 +138,10 @@ impl Cluster {
 
     /// The resolved spec, with every default filled in, as YAML.
     pub fn to_yaml(&self) -> String {
+        #[expect(
+            clippy::expect_used,
+            reason = "the raw model is strings, integers, options and lists: YAML can write all of them"
+        )]
         let body = serde_saphyr::to_string(&self.to_raw()).expect("the raw cluster model always serializes");
         format!("# Resolved by imgbuild from the cluster manifest; edit the manifest, not this file.\n{body}")
     }

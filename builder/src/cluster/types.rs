@@ -11,30 +11,47 @@ use proto::Role;
 
 use super::raw;
 
+/// A cluster as `cluster.yaml` describes it, validated, with every default filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cluster {
+    /// `metadata.name`: names the cluster in kubeconfigs, payloads and image names.
     pub name: String,
+    /// Versions the cluster pins; unset ones follow the images.
     pub versions: Versions,
+    /// Pod and service address ranges and cluster DNS.
     pub networks: Networks,
+    /// Where the Kubernetes API is reached (the VIP the masters share).
     pub api: ApiEndpoint,
+    /// Where the etcd members run.
     pub etcd: EtcdTopology,
+    /// How machines find `imgbuild serve` and which of them may enroll.
     pub enrollment: Enrollment,
+    /// Key algorithm and validity of the cluster's CAs and certificates.
     pub pki: PkiSettings,
+    /// The inventory: every node known in advance, in manifest order.
     pub nodes: Vec<Node>,
 }
 
+/// `spec.versions`: versions the cluster must run. Bakes and enrollment refuse an image whose
+/// Kubernetes differs from a pinned one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Versions {
+    /// The Kubernetes release; `None` runs what the images carry.
     pub kubernetes: Option<KubeVersion>,
+    /// The etcd version, as written (recorded in the resolved manifest).
     pub etcd: Option<String>,
+    /// The containerd version, as written (recorded in the resolved manifest).
     pub containerd: Option<String>,
 }
 
 /// A Kubernetes release, `v1.20.2`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct KubeVersion {
+    /// Major version (1).
     pub major: u32,
+    /// Minor version: picks the flags and config formats the rendered files use.
     pub minor: u32,
+    /// Patch version.
     pub patch: u32,
 }
 
@@ -56,11 +73,16 @@ impl fmt::Display for KubeVersion {
     }
 }
 
+/// `spec.networks`: the cluster's address plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Networks {
+    /// Addresses for pods, split into one range per node.
     pub pod_cidr: Ipv4Net,
+    /// Addresses for Service ClusterIPs.
     pub service_cidr: Ipv4Net,
+    /// The cluster DNS Service's address, in the service CIDR.
     pub cluster_dns: Ipv4Addr,
+    /// The cluster's DNS domain (`cluster.local`).
     pub dns_domain: String,
     /// Prefix length of each node's share of the pod CIDR.
     pub node_cidr_mask: u8,
@@ -83,18 +105,23 @@ impl Networks {
     }
 }
 
+/// `spec.apiEndpoint`: the Kubernetes API's address, held by keepalived on one master.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ApiEndpoint {
+    /// The virtual IP the masters share.
     pub vip: Ipv4Addr,
+    /// The port haproxy serves the API on at the VIP.
     pub port: u16,
 }
 
 impl ApiEndpoint {
+    /// `https://VIP:port`, the API URL of every kubeconfig.
     pub fn url(&self) -> String {
         format!("https://{}:{}", self.vip, self.port)
     }
 }
 
+/// `spec.etcd.topology`: which nodes run the etcd members.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EtcdTopology {
     /// Each master runs an etcd member.
@@ -104,6 +131,7 @@ pub enum EtcdTopology {
 }
 
 impl EtcdTopology {
+    /// The manifest's word: `stacked` or `external`.
     pub fn as_str(self) -> &'static str {
         match self {
             EtcdTopology::Stacked => "stacked",
@@ -112,18 +140,25 @@ impl EtcdTopology {
     }
 }
 
+/// `spec.enrollment`: how machines enroll with `imgbuild serve`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Enrollment {
+    /// Where nodes find the enrollment server, tried in order; its certificate names these hosts.
     pub servers: Vec<ServerUrl>,
+    /// What happens to machines not in the inventory.
     pub policy: EnrollPolicy,
+    /// How long a node's one-time credential and the worker token stay valid.
     pub enrollment_token_ttl: Duration,
+    /// How long the Kubernetes bootstrap (join) token stays valid.
     pub join_token_ttl: Duration,
 }
 
 /// An enrollment server URL, `https://host[:port]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerUrl {
+    /// Host name or address (IPv6 without brackets).
     pub host: String,
+    /// TCP port; 443 when the URL has none.
     pub port: u16,
 }
 
@@ -170,6 +205,7 @@ impl FromStr for ServerUrl {
     }
 }
 
+/// `spec.enrollment.policy`: what the server does with machines not in the inventory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EnrollPolicy {
     /// Machines not in the inventory are refused.
@@ -181,7 +217,9 @@ pub enum EnrollPolicy {
 }
 
 impl EnrollPolicy {
+    /// Every policy's name, for error messages.
     pub const NAMES: &'static str = "known-only, approve, auto-worker";
+    /// The manifest's word (`known-only`, `approve`, `auto-worker`).
     pub fn as_str(self) -> &'static str {
         match self {
             EnrollPolicy::KnownOnly => "known-only",
@@ -203,16 +241,21 @@ impl FromStr for EnrollPolicy {
     }
 }
 
+/// `spec.pki.keyAlgorithm`: the key type of every key the cluster's PKI makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum KeyAlgorithm {
+    /// ECDSA on P-256 (the default).
     #[serde(rename = "ecdsa-p256")]
     EcdsaP256,
+    /// RSA with 2048-bit keys.
     #[serde(rename = "rsa-2048")]
     Rsa2048,
 }
 
 impl KeyAlgorithm {
+    /// Every algorithm's name, for error messages.
     pub const NAMES: &'static str = "ecdsa-p256, rsa-2048";
+    /// The manifest's word (`ecdsa-p256`, `rsa-2048`).
     pub fn as_str(self) -> &'static str {
         match self {
             KeyAlgorithm::EcdsaP256 => "ecdsa-p256",
@@ -232,10 +275,14 @@ impl FromStr for KeyAlgorithm {
     }
 }
 
+/// `spec.pki`: key algorithm and lifetimes of the cluster's PKI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PkiSettings {
+    /// The key type of CAs and leaf certificates.
     pub key_algorithm: KeyAlgorithm,
+    /// How long a new CA certificate is valid.
     pub ca_validity: Duration,
+    /// How long a leaf certificate is valid.
     pub cert_validity: Duration,
 }
 
@@ -244,6 +291,7 @@ pub struct PkiSettings {
 pub struct Mac(String);
 
 impl Mac {
+    /// `52:54:00:03:01:11`.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -257,7 +305,7 @@ impl FromStr for Mac {
         if !ok {
             return Err("expected six hex octets like 52:54:00:03:01:11".into());
         }
-        let first = u8::from_str_radix(parts[0], 16).expect("checked hex");
+        let first = u8::from_str_radix(parts[0], 16).map_err(|_| format!("'{}' is not a hex octet", parts[0]))?;
         if first & 1 == 1 {
             return Err("a multicast address cannot identify a NIC (first octet must be even)".into());
         }
@@ -276,6 +324,7 @@ impl fmt::Display for Mac {
 pub struct SmbiosUuid(String);
 
 impl SmbiosUuid {
+    /// The UUID, lowercase 8-4-4-4-12.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -299,35 +348,44 @@ impl fmt::Display for SmbiosUuid {
     }
 }
 
+/// An inventory node: a machine known in advance, found by its MAC or UUID.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
     /// RFC 1123 label; also the hostname and the Kubernetes Node name.
     pub name: String,
+    /// What the node runs.
     pub role: Role,
+    /// The MAC of its NIC: identifies the machine and names the interface to configure.
     pub mac: Option<Mac>,
+    /// Its SMBIOS UUID: identifies the machine.
     pub uuid: Option<SmbiosUuid>,
     /// Host address with the subnet's prefix length.
     pub address: Ipv4Net,
+    /// Its default gateway, for a static address.
     pub gateway: Option<Ipv4Addr>,
     /// This node's share of the pod CIDR.
     pub pod_cidr: Ipv4Net,
 }
 
 impl Node {
+    /// The node's address without the prefix length.
     pub fn ip(&self) -> Ipv4Addr {
         self.address.addr()
     }
 }
 
 impl Cluster {
+    /// The inventory node called `name`.
     pub fn node(&self, name: &str) -> Option<&Node> {
         self.nodes.iter().find(|n| n.name == name)
     }
 
+    /// The inventory nodes of one role, in manifest order.
     pub fn nodes_with(&self, role: Role) -> impl Iterator<Item = &Node> {
         self.nodes.iter().filter(move |n| n.role == role)
     }
 
+    /// The masters, in manifest order.
     pub fn masters(&self) -> impl Iterator<Item = &Node> {
         self.nodes_with(Role::Master)
     }
@@ -342,7 +400,7 @@ impl Cluster {
     }
 
     /// The raw form with every default filled in (what `to_yaml` writes).
-    pub fn to_raw(&self) -> raw::RawCluster {
+    pub(crate) fn to_raw(&self) -> raw::RawCluster {
         use raw::*;
         let n = &self.networks;
         RawCluster {
@@ -421,6 +479,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     n.checked_mul(secs).map(Duration::from_secs).ok_or_else(bad)
 }
 
+/// The shortest of `24h`, `30m` or `90s` that says `d` exactly (whole seconds), as
+/// [`parse_duration`] reads it.
 pub fn format_duration(d: Duration) -> String {
     let s = d.as_secs();
     if s % 3600 == 0 {

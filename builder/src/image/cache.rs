@@ -15,7 +15,9 @@ use crate::progress::Task;
 /// An expected digest, as the definition or lock gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Digest {
+    /// A hex SHA-256: also the blob's name in the cache.
     Sha256(String),
+    /// A hex SHA-512, for upstreams that publish only that.
     Sha512(String),
 }
 
@@ -28,32 +30,68 @@ impl std::fmt::Display for Digest {
     }
 }
 
+/// Why an input could not be had from the cache or its source.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
+    /// The bytes do not have the pinned digest.
     #[error("{what}: checksum mismatch: expected {expected}, got {actual} (the download was discarded)")]
-    Mismatch { what: String, expected: String, actual: String },
+    Mismatch {
+        /// The input it was for.
+        what: String,
+        /// The pinned digest (`sha256:…`).
+        expected: String,
+        /// The digest the bytes have.
+        actual: String,
+    },
+    /// `--offline`, and the input is not in the cache.
     #[error(
         "{what} is not in the cache ({digest}) and --offline forbids fetching it; run `imgbuild fetch` where the sources are reachable, then copy {cache}"
     )]
-    Missing { what: String, digest: String, cache: String },
+    Missing {
+        /// The input.
+        what: String,
+        /// Its pinned digest.
+        digest: String,
+        /// The cache directory, to copy from a machine that has it.
+        cache: String,
+    },
+    /// The download failed, after retries.
     #[error("{what}: cannot download {url} ({attempts} attempts): {reason}")]
-    Download { what: String, url: String, reason: String, attempts: u32 },
+    Download {
+        /// The input.
+        what: String,
+        /// Where it was fetched from.
+        url: String,
+        /// The last attempt's error.
+        reason: String,
+        /// How many attempts were made.
+        attempts: u32,
+    },
+    /// A cache or source file cannot be read or written.
     #[error("{what}: {path}: {source}")]
     Io {
+        /// The input it was for.
         what: String,
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
 }
 
+/// The cache directory, with an HTTP client for filling it.
 #[derive(Clone)]
 pub struct Cache {
+    /// The cache directory.
     pub root: PathBuf,
+    /// Never download: an input not in the cache is an error.
     pub offline: bool,
     http: reqwest::Client,
 }
 
+/// The cache directory when `--cache` is not given: `IMGBUILD_CACHE`, `/var/cache/imgbuild` for
+/// root, else `$XDG_CACHE_HOME/imgbuild` (or `~/.cache/imgbuild`).
 pub fn default_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("IMGBUILD_CACHE") {
         return d.into();
@@ -73,6 +111,7 @@ fn nix_is_root() -> bool {
 }
 
 impl Cache {
+    /// Opens (creating) the cache at `root`; downloads trust the system's CA bundle.
     pub fn open(root: &Path, offline: bool) -> Result<Self, CacheError> {
         let io = |path: &Path, source| CacheError::Io { what: "cache".into(), path: path.to_path_buf(), source };
         for d in ["blobs/sha256", "partial"] {
@@ -97,10 +136,12 @@ impl Cache {
         Ok(Cache { root: root.to_path_buf(), offline, http })
     }
 
+    /// Where the blob with this sha256 is (whether or not it is there).
     pub fn blob(&self, sha256: &str) -> PathBuf {
         self.root.join("blobs/sha256").join(sha256)
     }
 
+    /// Whether the blob with this sha256 is in the cache.
     pub fn has(&self, sha256: &str) -> bool {
         self.blob(sha256).is_file()
     }
@@ -158,8 +199,10 @@ impl Cache {
         expect: &Digest,
         progress: Option<&Task>,
     ) -> Result<String, CacheError> {
-        if let Some(p) = self.lookup(expect) {
-            return Ok(p.file_name().expect("blob name").to_string_lossy().into_owned());
+        if let Digest::Sha256(h) = expect {
+            if self.has(h) {
+                return Ok(h.clone());
+            }
         }
         if self.offline {
             return Err(self.missing(what, expect));

@@ -14,23 +14,33 @@ use crate::progress::{self, Unit};
 use crate::tools::run;
 
 const MIB: u64 = 1 << 20;
+/// The label of the state partition and its ext4 (`/etc`, `/var`, `/root`), which the initramfs finds it by.
 pub const STATE_LABEL: &str = "imgbuild-state";
 const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 /// "Root Partition (x86-64)" of the Discoverable Partitions Specification.
 const ROOT_TYPE: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
 const DATA_TYPE: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+/// The partition name of the firstboot layer's erofs.
 pub const FIRSTBOOT_LABEL: &str = "imgbuild-firstboot";
 
 /// Identifiers of one image, derived from its inputs.
 #[derive(Debug, Clone)]
 pub struct Ids {
+    /// The GPT disk GUID.
     pub disk: String,
+    /// The ESP's partition GUID.
     pub esp: String,
+    /// The root partition's GUID (the kernel's `root=PARTUUID=`).
     pub root: String,
+    /// The firstboot layer's partition GUID (`imgbuild.firstboot=PARTUUID=`).
     pub firstboot: String,
+    /// The state partition's GUID.
     pub state: String,
+    /// The root erofs's UUID.
     pub root_fs: String,
+    /// The firstboot layer erofs's UUID.
     pub firstboot_fs: String,
+    /// The state ext4's UUID.
     pub state_fs: String,
     /// FAT volume id, 8 hex digits.
     pub esp_volid: String,
@@ -47,6 +57,7 @@ fn uuid(seed: &str) -> String {
 }
 
 impl Ids {
+    /// Every identifier of the image whose inputs `seed` names.
     pub fn new(seed: &str) -> Ids {
         Ids {
             disk: uuid(&format!("{seed}/disk")),
@@ -229,9 +240,13 @@ fn copy_sparse(src: &Path, disk: &std::fs::File, offset: u64) -> std::io::Result
 
 /// One partition of a disk image: the file system image that fills it.
 pub struct Partition<'a> {
+    /// The file system image.
     pub image: &'a Path,
+    /// The GPT partition name.
     pub name: &'a str,
+    /// The GPT partition type GUID.
     pub type_guid: &'a str,
+    /// The partition's unique GUID.
     pub uuid: &'a str,
 }
 

@@ -17,41 +17,59 @@ use super::cache::{Cache, Digest};
 use super::definition::Definition;
 use crate::digest::sha256_hex;
 
+/// `images/<name>.lock`: every package and component an image definition resolved to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Lock {
+    /// The definition's name.
     pub definition: String,
     /// sha256 of the definition's text: a lock is only valid for the text it was made from.
     pub definition_sha256: String,
+    /// sha256 of the archive keyring the package index was verified with.
     pub keyring_sha256: String,
     /// SOURCE_DATE_EPOCH of every build from this lock: when the lock was made.
     pub source_date_epoch: i64,
+    /// Every Debian package of every role, with the roles that install it.
     #[serde(rename = "package")]
     pub packages: Vec<LockedPackage>,
+    /// Every pinned component: binaries and archives from outside the Debian archive.
     #[serde(rename = "component")]
     pub components: Vec<LockedComponent>,
 }
 
+/// A Debian package at one version, as the signed index describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct LockedPackage {
+    /// Package name.
     pub name: String,
+    /// Exact version, epoch included.
     pub version: String,
+    /// Architecture (`amd64`, `all`).
     pub arch: String,
+    /// Where apt fetches it.
     pub url: String,
+    /// Size in bytes, from the index.
     pub size: u64,
+    /// sha256 of the `.deb`, from the signed index.
     pub sha256: String,
     /// The roles whose images contain it.
     pub roles: Vec<Role>,
 }
 
+/// A component the definition pins, with what its bytes turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct LockedComponent {
+    /// The component's name in the definition.
     pub name: String,
+    /// Its version, as the definition says.
     pub version: String,
+    /// Its URL, or the local file it was imported from.
     pub source: String,
+    /// Size in bytes.
     pub size: u64,
+    /// sha256 of its bytes (the cache's blob name).
     pub sha256: String,
 }
 
@@ -62,27 +80,65 @@ impl LockedPackage {
     }
 }
 
+/// Why a definition cannot be locked, or a lock used.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
+    /// The mirror (or the keyring's) cannot be reached.
     #[error(
         "{definition}: cannot reach {mirror} for {what}: {reason}\n  this machine may not reach it: bake with `--image images/debian-12.toml`, \
          or on an air-gapped site fill the cache elsewhere (`imgbuild fetch`) and build with --offline"
     )]
-    Unreachable { definition: String, what: String, mirror: String, reason: String },
+    Unreachable {
+        /// The definition's name.
+        definition: String,
+        /// What was being fetched.
+        what: String,
+        /// The mirror.
+        mirror: String,
+        /// apt's errors.
+        reason: String,
+    },
+    /// apt cannot make a consistent package set for a role.
     #[error("apt could not resolve the packages of the {role} image: {reason}")]
-    Resolve { role: Role, reason: String },
+    Resolve {
+        /// The role.
+        role: Role,
+        /// apt's errors.
+        reason: String,
+    },
+    /// A lock file cannot be read or does not parse.
     #[error("{path} is not a lock file: {reason}")]
-    Parse { path: PathBuf, reason: String },
+    Parse {
+        /// The lock file.
+        path: PathBuf,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// The definition changed since the lock was made.
     #[error(
         "{lock} was made from another version of {definition} (its sha256 differs); run `imgbuild lock --image {definition}`"
     )]
-    Stale { lock: PathBuf, definition: PathBuf },
+    Stale {
+        /// The lock file.
+        lock: PathBuf,
+        /// The definition it belongs to.
+        definition: PathBuf,
+    },
+    /// The archive keyring cannot be had or does not match its pin.
     #[error("keyring {path}: {reason}")]
-    Keyring { path: String, reason: String },
+    Keyring {
+        /// The keyring's path on this machine.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A component the build needs is not in the lock.
     #[error("component {0} is not in the lock: run `imgbuild lock`")]
     Missing(String),
+    /// A download or a cache file failed.
     #[error(transparent)]
     Cache(#[from] super::cache::CacheError),
+    /// A file, directory or program failed (what and why).
     #[error("{0}")]
     Io(String),
 }
@@ -93,6 +149,7 @@ pub fn lock_path(definition: &Path) -> PathBuf {
 }
 
 impl Lock {
+    /// Reads the lock at `path`, refusing it when it was made from another text of the definition.
     pub fn load(path: &Path, definition: &Path, definition_text: &str) -> Result<Lock, LockError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| LockError::Parse { path: path.into(), reason: e.to_string() })?;
@@ -104,6 +161,7 @@ impl Lock {
         Ok(lock)
     }
 
+    /// Writes the lock with a header naming the command that made it.
     pub fn save(&self, path: &Path, definition: &Path) -> Result<(), LockError> {
         let body = toml::to_string(self).map_err(|e| LockError::Io(e.to_string()))?;
         let text = format!(
@@ -114,10 +172,12 @@ impl Lock {
             .map_err(|e| LockError::Io(format!("{}: {e}", path.display())))
     }
 
+    /// The packages the `role` image installs.
     pub fn packages_for(&self, role: Role) -> impl Iterator<Item = &LockedPackage> {
         self.packages.iter().filter(move |p| p.roles.contains(&role))
     }
 
+    /// The locked component called `name`.
     pub fn component(&self, name: &str) -> Option<&LockedComponent> {
         self.components.iter().find(|c| c.name == name)
     }
@@ -168,6 +228,7 @@ pub struct Apt {
 }
 
 impl Apt {
+    /// An empty apt root with these `sources.list` lines.
     pub fn new(sources: &[String]) -> Result<Self, LockError> {
         let root =
             tempfile::Builder::new().prefix("imgbuild-apt-").tempdir().map_err(|e| LockError::Io(e.to_string()))?;
@@ -216,6 +277,7 @@ impl Apt {
         }
     }
 
+    /// `apt-get update` in the private root; fails when any index could not be fetched.
     pub fn update(&self) -> Result<(), String> {
         let mut c = self.cmd("apt-get");
         // Without --error-on=any, apt-get update exits 0 when it could fetch nothing at all.

@@ -36,7 +36,9 @@ const MARKER_FOOTER: u32 = 3;
 /// What was written: the file's size and SHA-256 (hex), computed on the way out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Written {
+    /// Bytes written.
     pub size: u64,
+    /// Hex SHA-256 of the bytes written.
     pub sha256: String,
 }
 
@@ -215,6 +217,10 @@ pub fn write(
             let (rx, tx) = (work_rx.clone(), done_tx.clone());
             s.spawn(move || {
                 loop {
+                    #[expect(
+                        clippy::expect_used,
+                        reason = "held only for recv(), which does not panic: never poisoned"
+                    )]
                     let next = rx.lock().expect("work queue").recv();
                     let Ok((seq, run, data)) = next else { break };
                     let done: std::io::Result<Vec<_>> = run
@@ -263,6 +269,7 @@ pub fn write(
                 next += 1;
             }
         }
+        #[expect(clippy::expect_used, reason = "join fails only if the reader panicked, a bug: the panic goes on")]
         reader.join().expect("VMDK reader panicked")?;
         while table < tables {
             flush_table(&mut out, &mut gt, &mut directory)?;

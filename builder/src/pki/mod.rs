@@ -28,18 +28,30 @@ use x509_parser::prelude::FromDer;
 
 use crate::cluster::{Cluster, KeyAlgorithm};
 
+/// Why a CA, key or certificate cannot be loaded, made or issued.
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
+    /// A PKI file cannot be read.
     #[error("cannot read {path}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// A PKI file does not parse, or a certificate and key do not belong together.
     #[error("{path}: {reason}")]
-    Invalid { path: PathBuf, reason: String },
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Making a key, a serial number or a signature failed.
     #[error("generating a key or certificate failed: {0}")]
     Crypto(String),
+    /// A CSR is not valid or asks for more than the policy grants (what is wrong).
     #[error("CSR refused: {0}")]
     CsrRefused(String),
 }
@@ -51,13 +63,18 @@ fn crypto(e: impl std::fmt::Display) -> PkiError {
 /// The four CAs of a cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CaKind {
+    /// The cluster CA (`ca.crt`): the apiserver, kubelets and components.
     Cluster,
+    /// The etcd CA (`etcd/ca.crt`): etcd members and their clients.
     Etcd,
+    /// The front-proxy CA (`front-proxy-ca.crt`): the aggregation layer's client.
     FrontProxy,
+    /// Our enrollment CA (`enrollment-ca.crt`): nodes' and the operator's identities on `imgbuild serve`.
     Enrollment,
 }
 
 impl CaKind {
+    /// Every CA, in the order `init` makes them.
     pub const ALL: [CaKind; 4] = [CaKind::Cluster, CaKind::Etcd, CaKind::FrontProxy, CaKind::Enrollment];
 
     /// The name `--rotate` takes.
@@ -80,6 +97,7 @@ impl CaKind {
         }
     }
 
+    /// Key path relative to the PKI directory (kubeadm's names).
     pub fn key_file(self) -> &'static str {
         match self {
             CaKind::Cluster => "ca.key",
@@ -102,8 +120,11 @@ impl CaKind {
 /// What a leaf certificate is used for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Usage {
+    /// TLS server authentication.
     Server,
+    /// TLS client authentication.
     Client,
+    /// Both (etcd members dial each other and themselves).
     ServerAndClient,
 }
 
@@ -120,19 +141,28 @@ impl Usage {
 /// Everything a leaf certificate says, decided by policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeafSpec {
+    /// The CA that issues it.
     pub ca: CaKind,
+    /// Subject CN: the user name for Kubernetes clients.
     pub common_name: String,
+    /// Subject O: the groups for Kubernetes clients.
     pub organizations: Vec<String>,
+    /// DNS subject alternative names.
     pub dns_names: Vec<String>,
+    /// IP subject alternative names.
     pub ips: Vec<IpAddr>,
+    /// Server, client or both.
     pub usage: Usage,
 }
 
 /// The node a certificate is for.
 #[derive(Debug, Clone)]
 pub struct NodeIdentity {
+    /// The node's name.
     pub name: String,
+    /// The node's role: decides which purposes it may have.
     pub role: Role,
+    /// The node's address, put in its serving certificates' SANs.
     pub ip: Option<Ipv4Addr>,
 }
 
@@ -261,12 +291,12 @@ pub fn key_from_pem(pem: &str) -> Result<KeyPair, rcgen::Error> {
     KeyPair::from_pem(pem).or_else(|_| KeyPair::from_pkcs8_pem_and_sign_algo(pem, &PKCS_RSA_SHA256))
 }
 
-fn random_serial() -> SerialNumber {
+fn random_serial() -> Result<SerialNumber, PkiError> {
     let mut b = [0u8; 16];
-    SystemRandom::new().fill(&mut b).expect("the system CSPRNG failed");
+    SystemRandom::new().fill(&mut b).map_err(|_| PkiError::Crypto("the system CSPRNG failed".into()))?;
     // A positive INTEGER without a leading zero octet: 127 random bits.
     b[0] = (b[0] & 0x7f) | 0x40;
-    SerialNumber::from_slice(&b)
+    Ok(SerialNumber::from_slice(&b))
 }
 
 /// Certificates are valid from a few minutes ago, so that nodes with a slightly slow clock
@@ -275,16 +305,14 @@ const BACKDATE: time::Duration = time::Duration::minutes(5);
 
 /// A CA that can issue certificates.
 pub struct Ca {
+    /// Which of the cluster's CAs it is.
     pub kind: CaKind,
+    /// The CA certificate, PEM.
     pub cert_pem: String,
     cert_der: CertificateDer<'static>,
     pin: CaPin,
     not_after: OffsetDateTime,
     issuer: Issuer<'static, KeyPair>,
-}
-
-fn pin_of(cert_der: &[u8]) -> CaPin {
-    CaPin::of_cert_der(cert_der).expect("a CA certificate we hold always parses")
 }
 
 impl Ca {
@@ -298,7 +326,7 @@ impl Ca {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages =
             vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.serial_number = Some(random_serial());
+        params.serial_number = Some(random_serial()?);
         params.not_before = now - BACKDATE;
         params.not_after = now + validity;
         let cert = params.self_signed(&key).map_err(crypto)?;
@@ -307,7 +335,8 @@ impl Ca {
             kind,
             cert_pem: cert.pem(),
             cert_der: cert.der().clone(),
-            pin: pin_of(cert.der()),
+            // Self-signed: the certificate's SubjectPublicKeyInfo is the key's.
+            pin: CaPin::of_spki_der(&key.subject_public_key_info()),
             not_after: params.not_after,
             issuer: Issuer::new(params, key),
         };
@@ -324,9 +353,9 @@ impl Ca {
         if x509.public_key().raw != key.subject_public_key_info().as_slice() {
             return Err(invalid(format!("{} and {} do not belong together", kind.cert_file(), kind.key_file())));
         }
+        let pin = CaPin::of_spki_der(x509.public_key().raw);
         let not_after = x509.validity().not_after.to_datetime();
         let issuer = Issuer::from_ca_cert_der(&der, key).map_err(|e| invalid(format!("CA certificate: {e}")))?;
-        let pin = pin_of(&der);
         Ok(Ca { kind, cert_pem: cert_pem.to_string(), cert_der: der.into_owned(), pin, not_after, issuer })
     }
 
@@ -339,6 +368,7 @@ impl Ca {
         Ca::from_pem(kind, &read(kind.cert_file())?, &read(kind.key_file())?, &pki_dir.join(kind.cert_file()))
     }
 
+    /// The CA certificate, DER.
     pub fn cert_der(&self) -> &[u8] {
         &self.cert_der
     }
@@ -376,7 +406,7 @@ impl Ca {
             p.key_usages.push(KeyUsagePurpose::KeyEncipherment);
         }
         p.extended_key_usages = spec.usage.ekus();
-        p.serial_number = Some(random_serial());
+        p.serial_number = Some(random_serial()?);
         p.not_before = now - BACKDATE;
         // A certificate never outlives its CA.
         p.not_after = (now + validity).min(self.not_after);
@@ -560,9 +590,13 @@ pub fn check_csr(spec: &LeafSpec, csr_pem: &str) -> Result<Vec<u8>, PkiError> {
 /// What a certificate says, for checks and listings.
 #[derive(Debug, Clone)]
 pub struct CertInfo {
+    /// The subject distinguished name, as text.
     pub subject: String,
+    /// When the certificate expires.
     pub not_after: OffsetDateTime,
+    /// DNS subject alternative names.
     pub dns_names: Vec<String>,
+    /// IP subject alternative names.
     pub ips: Vec<IpAddr>,
 }
 

@@ -36,6 +36,7 @@ use super::render::Renderer;
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone)]
 pub struct Peer {
+    /// The client's address and port.
     pub addr: SocketAddr,
     /// The client certificate's holder.
     pub client: Option<Client>,
@@ -46,6 +47,7 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// A peer that has not enrolled on this connection (yet).
     pub fn new(addr: SocketAddr, client: Option<Client>, binding: Option<String>) -> Self {
         Peer { addr, client, enrolled: Arc::default(), binding }
     }
@@ -55,12 +57,21 @@ impl Peer {
     }
 }
 
+/// Who a client certificate (or an enrollment on the connection) says the client is.
 #[derive(Debug, Clone)]
 pub enum Client {
     /// A node's enrollment certificate: its CN is the node name.
-    Node { name: String, spki: Vec<u8> },
+    Node {
+        /// The node's name.
+        name: String,
+        /// The certificate's DER SubjectPublicKeyInfo, compared with the bound key.
+        spki: Vec<u8>,
+    },
     /// The operator (the state dir's admin identity).
-    Admin { name: String },
+    Admin {
+        /// The certificate's CN.
+        name: String,
+    },
 }
 
 impl Client {
@@ -76,9 +87,13 @@ impl Client {
     }
 }
 
+/// What every handler shares: the enrollment core, the config renderer, the state dir.
 pub struct App {
+    /// The enrollment core.
     pub fleet: Fleet,
+    /// Renders node configs and the cluster objects.
     pub renderer: Renderer,
+    /// The state directory, for the open payloads (its CA pin).
     pub state: crate::state::State,
     limiter: RateLimiter,
 }
@@ -155,6 +170,7 @@ fn ok<T: Serialize>(v: T) -> ApiResult<T> {
     Ok(axum::Json(v))
 }
 
+/// The enrollment API and the operator's calls over `app`, with the request body limit.
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route(PATH_ENROLL, post(enroll))

@@ -15,6 +15,7 @@ use time::OffsetDateTime;
 /// The event logged at warn level.
 pub const REFUSED: &str = "refused";
 
+/// Where audit lines go: the tracing log, and `audit.log` when opened with a file.
 pub struct Audit {
     file: Option<Mutex<File>>,
 }
@@ -31,10 +32,12 @@ fn format_line(ts: OffsetDateTime, event: &str, fields: &[(&str, &str)]) -> Stri
         let _ = serde_json::to_writer(&mut line, v);
     }
     line.push(b'}');
+    #[expect(clippy::expect_used, reason = "the line is ASCII punctuation and serde_json's text, which is UTF-8")]
     String::from_utf8(line).expect("serde_json writes UTF-8")
 }
 
 impl Audit {
+    /// Appends to the file at `path` (created 0600) as well as the tracing log.
     pub fn open(path: &Path) -> std::io::Result<Self> {
         use std::os::unix::fs::OpenOptionsExt;
         let f = OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
@@ -67,6 +70,10 @@ impl Audit {
         if let Some(f) = &self.file {
             line.push('\n');
             // One write per line, so concurrent appends never interleave.
+            #[expect(
+                clippy::expect_used,
+                reason = "held only for one write_all, which returns its errors rather than panicking: never poisoned"
+            )]
             let mut f = f.lock().expect("audit lock");
             if let Err(e) = f.write_all(line.as_bytes()) {
                 tracing::error!("cannot append to the audit log: {e}");

@@ -21,11 +21,15 @@ use proto::Role;
 use super::api::App;
 use crate::payload::{self, Target};
 
+/// What the boot listener serves from.
 pub struct BootFiles {
+    /// The enrollment server's state: the cluster and its CA pin, for the iPXE scripts.
     pub app: Arc<App>,
+    /// The bakes' output directory: `<role>/pxe/` under it.
     pub dir: PathBuf,
 }
 
+/// `/boot/<role>/<file>` (PXE set files), `/boot/mac/<mac>.ipxe` and `/boot/<role>.ipxe`.
 pub fn router(files: Arc<BootFiles>) -> Router {
     Router::new()
         .route("/boot/{role}/{file}", get(file))

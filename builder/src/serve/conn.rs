@@ -27,6 +27,7 @@ use tower::ServiceExt;
 pub struct Limits {
     /// Open connections at once; more are closed as they are accepted.
     pub connections: usize,
+    /// The TLS handshake, from accept.
     pub handshake: Duration,
     /// The request line and headers, from the first byte.
     pub headers: Duration,

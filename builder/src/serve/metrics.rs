@@ -37,6 +37,7 @@ struct Machine {
     status: String,
 }
 
+/// The server's counters and machine gauges, in one registry.
 pub struct Metrics {
     registry: Registry,
     enrolled: Counter,
@@ -68,22 +69,27 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a machine bound to a node.
     pub fn enrolled(&self) {
         self.enrolled.inc();
     }
 
+    /// Counts `n` certificates signed.
     pub fn signed(&self, n: u64) {
         self.signed.inc_by(n);
     }
 
+    /// Counts an API request.
     pub fn request(&self) {
         self.requests.inc();
     }
 
+    /// Counts a refusal of operation `op` with `code`.
     pub fn refused(&self, op: &str, code: ErrorCode) {
         self.refused.get_or_create(&Refusal { op: op.into(), code: code.as_str().into() }).inc();
     }
 
+    /// Counts a phase report by its status.
     pub fn reported(&self, status: PhaseStatus) {
         self.reports.get_or_create(&Status { status: status.as_str().into() }).inc();
     }
@@ -115,6 +121,7 @@ impl Metrics {
     /// The exposition text.
     pub fn render(&self) -> String {
         let mut out = String::new();
+        #[expect(clippy::expect_used, reason = "encoding fails only if the writer does, and a String never does")]
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }

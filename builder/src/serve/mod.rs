@@ -39,17 +39,22 @@ use crate::state::State;
 pub enum Backend {
     /// `store/fleet.redb` in the state dir.
     Embedded,
+    /// An etcd cluster, shared with other replicas (an empty prefix becomes `/imgbuild/<cluster>/`).
     Etcd(EtcdConfig),
 }
 
+/// How `imgbuild serve` runs.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
+    /// Where the HTTPS API listens (port 0: any free port, see [`Running::addr`]).
     pub listen: SocketAddr,
+    /// Where the server keeps its state.
     pub backend: Backend,
     /// Write the audit log to `audit.log` in the state dir (off in benchmarks).
     pub audit_file: bool,
     /// Serve PXE sets and iPXE scripts over plain HTTP on this address, from this directory.
     pub boot: Option<(SocketAddr, std::path::PathBuf)>,
+    /// Connection, time and rate limits.
     pub limits: conn::Limits,
 }
 
@@ -58,11 +63,13 @@ const DRAIN: Duration = Duration::from_secs(10);
 
 /// A server that is listening.
 pub struct Running {
+    /// The address the HTTPS API listens on.
     pub addr: SocketAddr,
     /// The plain-HTTP boot listener, when there is one.
     pub boot_addr: Option<SocketAddr>,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The handlers' shared state (tests reach the fleet through it).
     pub app: Arc<App>,
 }
 

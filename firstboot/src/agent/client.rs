@@ -29,17 +29,27 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest answer read (a master's config with its CA keys is ~60 KiB).
 const MAX_RESPONSE: usize = 16 << 20;
 
+/// Why a call of the enrollment server failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
+    /// The network or the connection failed (worth retrying).
     #[error("cannot reach the enrollment server: {0}")]
     Transport(String),
     /// The server's certificate is not acceptable: retrying cannot help.
     #[error("refusing the enrollment server: {0}")]
     Untrusted(String),
+    /// The server answered with an error.
     #[error("the enrollment server refused ({status}, {code}): {message}", code = .body.code.as_str(), message = .body.error)]
-    Api { status: u16, body: ErrorBody },
+    Api {
+        /// The HTTP status.
+        status: u16,
+        /// The error the server gave.
+        body: ErrorBody,
+    },
+    /// The answer (or the request) does not (de)serialize.
     #[error("unexpected answer from the enrollment server: {0}")]
     Decode(String),
+    /// Still failing at the deadline (after this long; the last error).
     #[error("gave up after {0:?} (deadline): {1}")]
     Deadline(Duration, Box<CallError>),
 }
@@ -54,6 +64,7 @@ impl CallError {
         }
     }
 
+    /// The server's error code, if it answered with one.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             CallError::Api { body, .. } => Some(body.code),
@@ -66,7 +77,9 @@ impl CallError {
 /// Exponential backoff with jitter: each wait is uniform in [d/2, d], d doubling up to `max`.
 #[derive(Debug, Clone)]
 pub struct Backoff {
+    /// The first wait's upper bound.
     pub initial: Duration,
+    /// The longest wait.
     pub max: Duration,
 }
 
@@ -77,6 +90,7 @@ impl Default for Backoff {
 }
 
 impl Backoff {
+    /// The wait before retry number `attempt` (from 0): uniform in [d/2, d].
     pub fn delay(&self, attempt: u32) -> Duration {
         let d = self.initial.saturating_mul(1u32 << attempt.min(16)).min(self.max);
         let mut b = [0u8; 4];
@@ -153,6 +167,7 @@ impl Backoff {
 /// How a retried operation ended.
 #[derive(Debug)]
 pub enum Retried<E> {
+    /// Failed for good (not transient).
     Final(E),
     /// Still failing at the deadline (after this long).
     Deadline(Duration, E),
@@ -167,14 +182,23 @@ struct Server {
     name: ServerName<'static>,
 }
 
+/// Why an enrollment client cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
+    /// A server URL is not `https://`.
     #[error(
         "enrollment server '{0}' is not an https:// URL: the CA pin is a TLS check, and a credential never travels in clear"
     )]
     NotHttps(String),
+    /// A server URL does not parse.
     #[error("enrollment server '{url}': {reason}")]
-    Url { url: String, reason: String },
+    Url {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The pin, certificate or key does not make a TLS configuration.
     #[error("TLS client setup: {0}")]
     Tls(#[from] proto::tls::TlsError),
 }
@@ -217,10 +241,13 @@ struct Inner {
     conn: tokio::sync::Mutex<Option<Conn>>,
 }
 
+/// firstboot's client for `imgbuild serve`; clones share the connection and the identity.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+    /// How calls are retried.
     pub backoff: Backoff,
+    /// When retrying stops and calls fail with [`CallError::Deadline`].
     pub deadline: Instant,
 }
 
@@ -249,6 +276,7 @@ impl Client {
         Ok(self.inner.identity.set(cert_pem, key_pem)?)
     }
 
+    /// Whether new connections show a client certificate.
     pub fn presents_certificate(&self) -> bool {
         self.inner.identity.is_set()
     }
@@ -307,7 +335,8 @@ impl Client {
                     }
                 }
             }
-            let conn = guard.as_mut().expect("dialed");
+            // Set just above, or kept because it is this server's and open.
+            let Some(conn) = guard.as_mut() else { continue };
             let url = format!("{}{path}", self.inner.servers[i].url);
             let payload = body(&conn.binding)?;
             let mut req = hyper::Request::builder()
@@ -370,6 +399,7 @@ impl Client {
             })
     }
 
+    /// A JSON POST of `body` to `path`, retried; the answer deserialized.
     pub async fn post<B: Serialize, R: DeserializeOwned>(&self, path: &str, body: &B) -> Result<R, CallError> {
         let bytes = serde_json::to_vec(body).map_err(|e| CallError::Decode(e.to_string()))?;
         self.call(hyper::Method::POST, path, &|_| Ok(Some(bytes.clone()))).await
@@ -389,6 +419,7 @@ impl Client {
         .await
     }
 
+    /// A GET of `path`, retried; the answer deserialized.
     pub async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, CallError> {
         self.call(hyper::Method::GET, path, &|_| Ok(None)).await
     }

@@ -14,50 +14,88 @@ use super::record::RecordError;
 use super::source::SourceError;
 use super::systemd::SystemdError;
 
+/// Why a phase failed; [`PhaseError::code`] is what its report carries.
 #[derive(Debug, thiserror::Error)]
 pub enum PhaseError {
+    /// Identify: the machine has nothing to be told apart by.
     #[error("no machine identity: no SMBIOS UUID and no Ethernet MAC address")]
     NoIdentity,
+    /// Identify: no source had a payload (the sources looked at).
     #[error("no first-boot payload (looked at: {})", .0.join(", "))]
     NoPayload(Vec<String>),
+    /// Identify: a source had a payload that does not parse.
     #[error(transparent)]
     Payload(#[from] SourceError),
+    /// Identify: the payload was made for another role than the image's.
     #[error("this is a {image} image but the payload is for role {payload}")]
-    RoleMismatch { image: Role, payload: Role },
+    RoleMismatch {
+        /// The role the image was baked for.
+        image: Role,
+        /// The role the payload is for.
+        payload: Role,
+    },
+    /// Identify: a payload fetched from the kernel command line's URL is not to be trusted.
     #[error("the payload from {url} {reason}")]
-    InsecurePayload { url: String, reason: &'static str },
+    InsecurePayload {
+        /// Where the payload came from.
+        url: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The enrollment client cannot be built (bad server URL, pin or certificate).
     #[error(transparent)]
     Setup(#[from] SetupError),
+    /// A call of the enrollment server failed.
     #[error("{what}")]
     Call {
+        /// What the call was for (`enrolling`, `fetching the node config`).
         what: &'static str,
+        /// Why it failed.
         #[source]
         error: CallError,
     },
+    /// Enroll: the deadline passed while the operator had not approved the machine (the server's message).
     #[error("still waiting for the operator's approval at the deadline: {0}")]
     NotApproved(String),
+    /// The server's answer (the first: what it said) lacks a part it must carry (the second).
     #[error("the server said {0} but sent no {1}")]
     Incomplete(&'static str, &'static str),
+    /// A file could not be read or written.
     #[error("{}", path.display())]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         error: std::io::Error,
     },
+    /// A key could not be made or loaded, or a CSR signed.
     #[error("key or CSR: {0}")]
     Key(#[from] rcgen::Error),
+    /// Write-files: the config names a path that is not absolute or has `..` in it.
     #[error("refusing to write {0}: not an absolute path without '..'")]
     BadPath(String),
+    /// A file's owner is not in the tree's /etc/passwd or /etc/group.
     #[error("{0}")]
     Owner(String),
+    /// Write-files: no NIC matches the config's, and files need its name.
     #[error("no network interface with MAC {mac} or address {address}")]
-    NoInterface { mac: String, address: String },
+    NoInterface {
+        /// The MAC from the inventory, or `-`.
+        mac: String,
+        /// The address the NIC must carry, or `-`.
+        address: String,
+    },
+    /// Host setup failed.
     #[error(transparent)]
     Host(#[from] HostError),
+    /// A systemd call failed.
     #[error(transparent)]
     Systemd(#[from] SystemdError),
+    /// Join failed.
     #[error(transparent)]
     Join(#[from] JoinError),
+    /// The phase record could not be read or written.
     #[error(transparent)]
     Record(#[from] RecordError),
 }
@@ -100,6 +138,7 @@ impl PhaseError {
 
 /// `.at(path)` on an I/O result.
 pub trait IoAt<T> {
+    /// Maps the error to [`PhaseError::Io`] naming `path`.
     fn at(self, path: impl Into<PathBuf>) -> Result<T, PhaseError>;
 }
 

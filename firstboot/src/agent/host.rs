@@ -7,30 +7,67 @@ use std::path::{Path, PathBuf};
 use proto::paths;
 use proto::wire::DataDisk;
 
+/// Why a host setting could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
+    /// The hostname could not be written or set.
     #[error("hostname {name}: {reason}")]
-    Hostname { name: String, reason: String },
+    Hostname {
+        /// The hostname.
+        name: String,
+        /// What failed.
+        reason: String,
+    },
+    /// A kernel parameter could not be set (and does not already have the value).
     #[error("sysctl {key}={value}: {reason}")]
-    Sysctl { key: String, value: String, reason: String },
+    Sysctl {
+        /// The parameter (`net.ipv4.ip_forward`).
+        key: String,
+        /// The value it should get.
+        value: String,
+        /// What failed, and the value it has.
+        reason: String,
+    },
+    /// A kernel module could not be loaded.
     #[error("kernel module {name}: {reason}")]
-    Module { name: String, reason: String },
+    Module {
+        /// The module.
+        name: String,
+        /// modprobe's complaint, or why it could not run.
+        reason: String,
+    },
+    /// Swap could not be turned off (the device and the reason).
     #[error("swap off: {0}")]
     Swap(String),
+    /// A data disk could not be mounted, or a required one is missing.
     #[error("data disk with label {label} at {mount_point}: {reason}")]
-    Mount { label: String, mount_point: String, reason: String },
+    Mount {
+        /// The filesystem label.
+        label: String,
+        /// Where it should be mounted.
+        mount_point: String,
+        /// What failed.
+        reason: String,
+    },
 }
 
+/// What the host-setup phase changes on the machine.
 pub trait Host {
+    /// Writes /etc/hostname and sets the running hostname.
     fn set_hostname(&mut self, name: &str) -> Result<(), HostError>;
+    /// Sets a kernel parameter (`net.ipv4.ip_forward`) now.
     fn sysctl(&mut self, key: &str, value: &str) -> Result<(), HostError>;
+    /// Loads a kernel module, unless it is loaded already.
     fn load_module(&mut self, name: &str) -> Result<(), HostError>;
+    /// Turns off every active swap device.
     fn swap_off(&mut self) -> Result<(), HostError>;
+    /// Mounts a filesystem by label, unless it is mounted already; a missing optional disk is skipped.
     fn mount_data_disk(&mut self, disk: &DataDisk) -> Result<(), HostError>;
 }
 
 /// The running system under `root` (normally `/`).
 pub struct RealHost {
+    /// The tree to act on: `/` on a node.
     pub root: PathBuf,
 }
 
@@ -157,12 +194,14 @@ fn is_mountpoint(p: &Path) -> bool {
 /// Writes down effects instead of performing them.
 #[derive(Default)]
 pub struct Recorder {
+    /// What would have been done, one line per effect (`sysctl net.ipv4.ip_forward=1`), in order.
     pub effects: Vec<String>,
     /// Also append each effect to this file (for `--simulate` runs in other processes).
     pub log: Option<PathBuf>,
 }
 
 impl Recorder {
+    /// Writes down one effect.
     pub fn note(&mut self, effect: String) {
         if let Some(p) = &self.log {
             use std::io::Write;

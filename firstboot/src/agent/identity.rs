@@ -10,7 +10,9 @@ use std::path::Path;
 use proto::paths;
 use proto::wire::{HostSetup, MachineIdentity};
 
+/// One place a machine's identity can be read from.
 pub trait IdentitySource: Send + Sync {
+    /// The source's name, for the log.
     fn name(&self) -> &'static str;
     /// What this source knows; an empty identity when it knows nothing.
     fn identify(&self, root: &Path) -> MachineIdentity;

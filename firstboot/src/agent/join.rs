@@ -22,12 +22,24 @@ use proto::paths;
 use proto::pin::{CaPin, verify_detached_jws};
 use proto::wire::{ControlPlaneCheck, JoinSpec, LeaseAction, LeaseRequest, LeaseResponse, PATH_BOOTSTRAP_LEASE};
 
+/// Why the node did not join.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
+    /// `cluster-info` could not be fetched, or does not match the pin or the token's signature.
     #[error("discovery: {0}")]
     Discovery(String),
+    /// Something the join waits for (etcd, the apiserver, the kubelet's certificate, the Node) did
+    /// not come within the deadline.
     #[error("{what} not ready after {waited:?}: {last}")]
-    NotReady { what: String, waited: Duration, last: String },
+    NotReady {
+        /// What was waited for.
+        what: String,
+        /// How long.
+        waited: Duration,
+        /// The last attempt's error.
+        last: String,
+    },
+    /// A file, a systemd call or a Kubernetes request failed.
     #[error("{0}")]
     Other(String),
 }
@@ -43,6 +55,7 @@ pub struct Kube {
 }
 
 impl Kube {
+    /// A client of the API at `base` trusting only `ca_pem`, presenting `client` (cert, key PEM) if given.
     pub fn new(base: &str, ca_pem: &str, client: Option<(&str, &str)>) -> Result<Self, JoinError> {
         let tls = proto::tls::client_config(ca_pem, client).map_err(other)?;
         Self::with_tls(base, tls)
@@ -57,6 +70,7 @@ impl Kube {
         Ok(Kube { http, base: base.trim_end_matches('/').to_string() })
     }
 
+    /// A GET of `path`: the status and the body, or why there is no answer.
     pub async fn get(&self, path: &str) -> Result<(u16, String), String> {
         let r = self.http.get(format!("{}{path}", self.base)).send().await.map_err(|e| error_chain(&e))?;
         let status = r.status().as_u16();
@@ -308,6 +322,10 @@ pub async fn join<S: Systemd>(
             }
             Ok(_) => {}
             Err(_) => {
+                #[expect(
+                    clippy::expect_used,
+                    reason = "a path under a root joined with an absolute node path has a parent"
+                )]
                 ensure_dir(ca_path.parent().expect("has parent"), 0o755).map_err(other)?;
                 write_atomic(&ca_path, ca.as_bytes(), 0o644, None).map_err(other)?;
             }
@@ -315,6 +333,7 @@ pub async fn join<S: Systemd>(
         notes.push("verified cluster-info");
     }
     let boot = paths::under(root, paths::BOOTSTRAP_KUBECONFIG);
+    #[expect(clippy::expect_used, reason = "a path under a root joined with an absolute node path has a parent")]
     ensure_dir(boot.parent().expect("has parent"), 0o755).map_err(other)?;
     write_atomic(&boot, spec.bootstrap_kubeconfig.as_bytes(), 0o600, None).map_err(other)?;
     systemd.start(&spec.kubelet_unit).await.map_err(other)?;

@@ -13,23 +13,32 @@ use proto::fsutil::{ensure_dir, write_atomic};
 use proto::paths;
 use proto::wire::{ImageInfo, IssuedCert, MachineIdentity, NodeAssignment, NodeConfig, Phase, Report};
 
+/// The [`Record::version`] this firstboot writes and reads.
 pub const RECORD_VERSION: u32 = 1;
 
+/// What firstboot knows about this machine's provisioning, saved after every phase.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Record {
+    /// Format version of the file ([`RECORD_VERSION`]).
     pub version: u32,
     /// The next phase to run; every earlier one has succeeded.
     pub phase: Phase,
     /// Boots that found this record (1 on the first).
     pub boots: u32,
+    /// The identity found in the identify phase.
     pub identity: Option<MachineIdentity>,
+    /// The payload found in the identify phase.
     pub boot_config: Option<BootConfig>,
+    /// The image this machine booted, if it says.
     pub image: Option<ImageInfo>,
+    /// The node enrollment bound this machine to.
     pub node: Option<NodeAssignment>,
     /// PEM client certificate from enrollment (its key is `enroll.key` beside this file).
     pub client_cert: Option<String>,
+    /// The node config fetched from the server.
     pub config: Option<NodeConfig>,
+    /// The certificates the server issued for the config's keys.
     #[serde(default)]
     pub certs: Vec<IssuedCert>,
     /// Reports not yet delivered (those before enrollment, or while the server was away).
@@ -38,11 +47,13 @@ pub struct Record {
     /// When provisioning finished, and how.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub finished_at: Option<OffsetDateTime>,
+    /// How provisioning ended ("joined", "provisioned (join skipped)"); set by the join phase.
     #[serde(default)]
     pub outcome: String,
 }
 
 impl Record {
+    /// A record for a machine that has not run any phase.
     pub fn new() -> Self {
         Record {
             version: RECORD_VERSION,
@@ -73,21 +84,37 @@ pub struct RecordFile {
     path: PathBuf,
 }
 
+/// Why the phase record cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
+    /// The file exists but cannot be read.
     #[error("cannot read {0}")]
     Read(PathBuf, #[source] std::io::Error),
+    /// The file is not a phase record (the parser's reason).
     #[error("{0} is not a firstboot state file ({1}); move it away to start over")]
     Parse(PathBuf, String),
+    /// The file was written by a newer firstboot.
     #[error(
         "{path} was written by a newer firstboot (state version {found}; this one reads {RECORD_VERSION}): run that firstboot, or move the file away to start over"
     )]
-    Version { path: PathBuf, found: u32 },
+    Version {
+        /// The record file.
+        path: PathBuf,
+        /// The version it has.
+        found: u32,
+    },
+    /// The record's phase needs something an earlier phase should have stored.
     #[error(
         "the state file says phase {phase} is next but holds no {what} (edited or damaged?): move {} away to start over",
         paths::STATE_FILE
     )]
-    Missing { what: &'static str, phase: Phase },
+    Missing {
+        /// What is missing (`payload`, `node config`).
+        what: &'static str,
+        /// The phase the record is at.
+        phase: Phase,
+    },
+    /// The file or its directory cannot be written.
     #[error("cannot write {0}")]
     Write(PathBuf, #[source] std::io::Error),
 }
@@ -100,10 +127,12 @@ impl Record {
 }
 
 impl RecordFile {
+    /// The record file of the tree at `root` ([`paths::STATE_FILE`]).
     pub fn new(root: &Path) -> Self {
         RecordFile { path: paths::under(root, paths::STATE_FILE) }
     }
 
+    /// The directory of the record, where the enrollment key is kept too.
     pub fn dir(&self) -> PathBuf {
         self.path.parent().map_or_else(PathBuf::new, Path::to_path_buf)
     }
@@ -131,6 +160,7 @@ impl RecordFile {
         serde_json::from_slice(&bytes).map_err(|e| RecordError::Parse(self.path.clone(), e.to_string()))
     }
 
+    /// Writes the record atomically (0600), creating its directory (0700).
     pub fn save(&self, r: &Record) -> Result<(), RecordError> {
         ensure_dir(&self.dir(), 0o700).map_err(|e| RecordError::Write(self.dir(), e))?;
         let json = serde_json::to_vec_pretty(r).map_err(|e| RecordError::Write(self.path.clone(), e.into()))?;

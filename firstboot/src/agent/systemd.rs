@@ -12,32 +12,58 @@ use super::host::Recorder;
 /// How long one start job may take (etcd and the apiserver can be slow under emulation).
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Why systemd did not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum SystemdError {
+    /// The system bus or the manager cannot be reached.
     #[error("cannot talk to systemd over D-Bus: {0}")]
     Bus(String),
+    /// The manager refused a call.
     #[error("{op} {unit}: {reason}")]
-    Call { op: &'static str, unit: String, reason: String },
+    Call {
+        /// The call (`start`, `enable`, `daemon-reload`).
+        op: &'static str,
+        /// The unit(s); empty for daemon-reload.
+        unit: String,
+        /// The manager's error.
+        reason: String,
+    },
+    /// A start or restart job finished with a result other than `done`.
     #[error("{unit} did not start: job result '{result}' (see `journalctl -u {unit}`)")]
-    JobFailed { unit: String, result: String },
+    JobFailed {
+        /// The unit.
+        unit: String,
+        /// The job's result (`failed`, `timeout`, `dependency`).
+        result: String,
+    },
+    /// A job had no result within the job timeout (5 minutes).
     #[error("{unit}: no job result after {0:?}", JOB_TIMEOUT)]
-    Timeout { unit: String },
+    Timeout {
+        /// The unit.
+        unit: String,
+    },
 }
 
+/// What firstboot asks of systemd.
 #[allow(async_fn_in_trait)]
 pub trait Systemd {
+    /// Reloads unit files (after the config wrote some).
     async fn daemon_reload(&mut self) -> Result<(), SystemdError>;
+    /// Enables unit files, so that they start on later boots.
     async fn enable(&mut self, units: &[String]) -> Result<(), SystemdError>;
     /// Starts `unit` and waits until its start job finished successfully.
     async fn start(&mut self, unit: &str) -> Result<(), SystemdError>;
+    /// Restarts `unit` and waits until its job finished successfully.
     async fn restart(&mut self, unit: &str) -> Result<(), SystemdError>;
 }
 
+/// The system's systemd, over D-Bus.
 pub struct Dbus {
     manager: ManagerProxy<'static>,
 }
 
 impl Dbus {
+    /// Connects to the system bus and subscribes to job signals.
     pub async fn connect() -> Result<Self, SystemdError> {
         let bus = |e: zbus::Error| SystemdError::Bus(e.to_string());
         let conn = zbus::Connection::system().await.map_err(bus)?;

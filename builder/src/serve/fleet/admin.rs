@@ -29,6 +29,7 @@ impl Fleet {
         Ok(out)
     }
 
+    /// The record of node `name`, if it exists.
     pub async fn node(&self, name: &str) -> Result<Option<NodeRecord>, ApiError> {
         self.record(&records::node_key(name)).await
     }

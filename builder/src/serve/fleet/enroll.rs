@@ -31,6 +31,7 @@ use crate::tokens::{TokenRecord, TokenState, TokenUsage};
 /// Machines without a credential that may wait for approval, per source address and in all:
 /// asking costs an attacker nothing, so what it can make the server keep is bounded.
 pub const PENDING_PER_SOURCE: usize = 16;
+/// Machines waiting for approval, from every source together.
 pub const PENDING_TOTAL: u64 = 1024;
 
 /// What a refusal tells the machine. The inventory is not for whoever asks: which node a MAC

@@ -11,6 +11,8 @@ use super::{ApiError, Fleet, now};
 const LEASE_TTL: time::Duration = time::Duration::minutes(5);
 
 impl Fleet {
+    /// A master's `acquire` or `complete` of the bootstrap lease; `objects` makes the cluster
+    /// objects for a master that is granted it.
     pub async fn lease(
         &self,
         node: &NodeRecord,

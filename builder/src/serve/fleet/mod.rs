@@ -49,13 +49,17 @@ use crate::cluster::Cluster;
 use crate::pki::{Ca, CaKind};
 use crate::tokens::{TokenRecord, TokenStore};
 
+/// A refusal or failure, as the API answers it: an [`ErrorCode`] and a message for the client.
 #[derive(Debug, Clone)]
 pub struct ApiError {
+    /// What the client can act on; also picks the HTTP status.
     pub code: ErrorCode,
+    /// What went wrong, for the client (never a secret or the inventory).
     pub message: String,
 }
 
 impl ApiError {
+    /// An error with this code and message.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self { code, message: message.into() }
     }
@@ -70,13 +74,18 @@ impl From<StoreError> for ApiError {
 
 /// The CAs the server signs with.
 pub struct Cas {
+    /// The cluster CA: node, apiserver and kubelet certificates.
     pub cluster: Ca,
+    /// The etcd CA: etcd members and their clients.
     pub etcd: Ca,
+    /// The front-proxy CA: the aggregation layer's client.
     pub front_proxy: Ca,
+    /// The enrollment CA: nodes' client certificates for this server.
     pub enrollment: Ca,
 }
 
 impl Cas {
+    /// The CA of `kind`.
     pub fn get(&self, kind: CaKind) -> &Ca {
         match kind {
             CaKind::Cluster => &self.cluster,
@@ -95,6 +104,7 @@ pub struct TokenSource {
 }
 
 impl TokenSource {
+    /// Tokens read from `path` (on first use).
     pub fn new(path: PathBuf) -> Self {
         TokenSource { path, cache: Mutex::new((None, Arc::new(Vec::new()))) }
     }
@@ -129,6 +139,10 @@ fn now() -> OffsetDateTime {
 }
 
 /// The one encoding of every record.
+#[expect(
+    clippy::expect_used,
+    reason = "records are strings, numbers, RFC 3339 times and string-keyed maps: JSON holds all of them"
+)]
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("records serialize")
 }
@@ -163,10 +177,12 @@ impl Tx<'_> {
         }
     }
 
+    /// Writes `value` at `key` when the transaction commits.
     pub fn put<T: Serialize>(&mut self, key: &str, value: &T) {
         self.txn.put(key, encode(value));
     }
 
+    /// Deletes `key` when the transaction commits.
     pub fn delete(&mut self, key: &str) {
         self.txn.delete(key);
     }
@@ -178,18 +194,22 @@ impl Tx<'_> {
 }
 
 impl Fleet {
+    /// The enrollment core over `store`, signing with `cas`, recording to `audit`.
     pub fn new(store: Store, cluster: Cluster, cas: Cas, tokens: Arc<TokenSource>, audit: Audit) -> Self {
         Fleet { store, cluster, cas, tokens, audit, metrics: Arc::new(Metrics::default()) }
     }
 
+    /// The cluster it serves.
     pub fn cluster(&self) -> &Cluster {
         &self.cluster
     }
 
+    /// Its counters, for `/metrics`.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
+    /// Its audit log.
     pub fn audit(&self) -> &Audit {
         &self.audit
     }

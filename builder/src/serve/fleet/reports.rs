@@ -7,6 +7,8 @@ use super::records::{self, NodeRecord};
 use super::{ApiError, Fleet};
 
 impl Fleet {
+    /// Records node `name`'s report: its last phase, status and message, the newest reports and
+    /// failures kept, and an audit line.
     pub async fn report(&self, name: &str, report: Report) -> Result<(), ApiError> {
         if report.message.len() > limits::REPORT_MESSAGE {
             return Err(ApiError::new(

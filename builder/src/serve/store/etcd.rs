@@ -19,12 +19,15 @@ pub struct EtcdConfig {
     /// PEM CA for the members' certificates, and a client certificate and key (PEM), when the
     /// cluster uses TLS.
     pub ca_pem: Option<String>,
+    /// The client certificate (PEM), with `client_key_pem`.
     pub client_cert_pem: Option<String>,
+    /// The client key (PEM), with `client_cert_pem`.
     pub client_key_pem: Option<String>,
     /// Key prefix; `/imgbuild/<cluster>/`.
     pub prefix: String,
 }
 
+/// The store in etcd, shared by every replica of `imgbuild serve` of one cluster.
 pub struct EtcdStore {
     cfg: EtcdConfig,
     http: reqwest::Client,
@@ -66,6 +69,7 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 }
 
 impl EtcdStore {
+    /// A client for the endpoints in `cfg` (nothing is contacted yet).
     pub fn new(cfg: EtcdConfig) -> Result<Self, StoreError> {
         let endpoint = cfg.endpoints.first().cloned().unwrap_or_default();
         let fail = |message: String| StoreError::Etcd { endpoint: endpoint.clone(), message };
@@ -82,6 +86,7 @@ impl EtcdStore {
         Ok(Self { cfg, http, current: AtomicUsize::new(0) })
     }
 
+    /// The client URLs, as configured.
     pub fn endpoints(&self) -> &[String] {
         &self.cfg.endpoints
     }
@@ -123,6 +128,7 @@ impl EtcdStore {
         Ok((key, Entry { value, version }))
     }
 
+    /// The value of `key` with its `mod_revision`.
     pub async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         let r = self.call("/v3/kv/range", json!({"key": B64.encode(self.key(key))})).await?;
         let r: RangeResponse = serde_json::from_value(r).map_err(|e| StoreError::Etcd {
@@ -132,6 +138,7 @@ impl EtcdStore {
         r.kvs.into_iter().next().map(|kv| self.decode(kv).map(|(_, e)| e)).transpose()
     }
 
+    /// Every key under `prefix`, in key order.
     pub async fn list(&self, prefix: &str) -> Result<Vec<(String, Entry)>, StoreError> {
         let p = self.key(prefix);
         let body = json!({"key": B64.encode(&p), "range_end": B64.encode(prefix_end(p.as_bytes()))});
@@ -143,6 +150,7 @@ impl EtcdStore {
         r.kvs.into_iter().map(|kv| self.decode(kv)).collect()
     }
 
+    /// One etcd transaction: the puts and deletes if every check holds. `Ok(false)`: one did not.
     pub async fn commit(&self, txn: Txn) -> Result<bool, StoreError> {
         let compare: Vec<Value> = txn
             .checks

@@ -19,7 +19,9 @@ pub use self::redb::RedbStore;
 /// A stored value and the version it was read at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
+    /// The value's bytes (a record's JSON).
     pub value: Vec<u8>,
+    /// The key's version when read; greater than 0, and changed by every write.
     pub version: u64,
 }
 
@@ -27,20 +29,26 @@ pub struct Entry {
 /// (`0`: the key must not exist).
 #[derive(Debug, Default, Clone)]
 pub struct Txn {
+    /// Keys and the versions they must still have (`0`: must not exist).
     pub checks: Vec<(String, u64)>,
+    /// Keys to write, with their new values.
     pub puts: Vec<(String, Vec<u8>)>,
+    /// Keys to delete.
     pub deletes: Vec<String>,
 }
 
 impl Txn {
+    /// Requires `key` to still have `version` (`0`: not to exist) at commit.
     pub fn check(&mut self, key: &str, version: u64) -> &mut Self {
         self.checks.push((key.to_string(), version));
         self
     }
+    /// Writes `value` at `key` on commit.
     pub fn put(&mut self, key: &str, value: Vec<u8>) -> &mut Self {
         self.puts.push((key.to_string(), value));
         self
     }
+    /// Deletes `key` on commit.
     pub fn delete(&mut self, key: &str) -> &mut Self {
         self.deletes.push(key.to_string());
         self
@@ -51,21 +59,37 @@ impl Txn {
     }
 }
 
+/// Why the store could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The embedded database failed.
     #[error("store {path}: {message}")]
-    Redb { path: String, message: String },
+    Redb {
+        /// The database file.
+        path: String,
+        /// What failed.
+        message: String,
+    },
+    /// etcd failed or could not be reached.
     #[error("etcd {endpoint}: {message}")]
-    Etcd { endpoint: String, message: String },
+    Etcd {
+        /// The endpoint(s) asked.
+        endpoint: String,
+        /// What failed.
+        message: String,
+    },
 }
 
 /// The configured backend.
 pub enum Store {
+    /// An embedded database in the state dir.
     Redb(RedbStore),
+    /// An etcd cluster shared by replicas.
     Etcd(EtcdStore),
 }
 
 impl Store {
+    /// The value of `key` with its version, or `None` if it does not exist.
     pub async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         match self {
             Store::Redb(s) => s.get(key),
@@ -89,6 +113,7 @@ impl Store {
         }
     }
 
+    /// Which backend and where, for the startup log.
     pub fn describe(&self) -> String {
         match self {
             Store::Redb(s) => format!("redb {}", s.path().display()),

@@ -26,6 +26,7 @@ const LINGER: Duration = Duration::from_millis(1);
 
 type Reply = oneshot::Sender<Result<bool, StoreError>>;
 
+/// The embedded store: one redb file, written by one thread that groups concurrent commits.
 pub struct RedbStore {
     db: Arc<Database>,
     path: PathBuf,
@@ -67,16 +68,19 @@ impl RedbStore {
         Ok(Self { db, path: path.to_path_buf(), queue })
     }
 
+    /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// The value of `key` with its version.
     pub fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         let r = self.db.begin_read().map_err(|e| err(&self.path, e))?;
         let t = r.open_table(KV).map_err(|e| err(&self.path, e))?;
         t.get(key).map_err(|e| err(&self.path, e))?.map(|g| decode(&self.path, key, g.value())).transpose()
     }
 
+    /// Every key under `prefix`, in key order.
     pub fn list(&self, prefix: &str) -> Result<Vec<(String, Entry)>, StoreError> {
         let r = self.db.begin_read().map_err(|e| err(&self.path, e))?;
         let t = r.open_table(KV).map_err(|e| err(&self.path, e))?;
@@ -91,6 +95,7 @@ impl RedbStore {
         Ok(out)
     }
 
+    /// Queues `txn` for the writer; resolves once it is durable (`Ok(false)`: a check failed).
     pub async fn commit(&self, txn: Txn) -> Result<bool, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.queue.send((txn, tx)).map_err(|_| err(&self.path, "the store writer stopped"))?;
