@@ -11,56 +11,80 @@ use serde::Deserialize;
 
 use crate::cluster::KubeVersion;
 
+/// An image definition, checked: what every role's image is made from.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Definition {
+    /// The definition's name (`debian-12`): an RFC 1123 subdomain, in image and file names.
     pub name: String,
+    /// Free text for people.
     #[serde(default)]
     pub description: String,
     /// The Kubernetes version the components carry.
     pub kubernetes: String,
+    /// The distribution, mirror and archive keyring the base tree comes from.
     pub base: Base,
+    /// The Debian packages each role installs.
     pub packages: Packages,
+    /// Pinned files installed into the images; after parsing, also one per `[[image]]` (an OCI
+    /// archive is a component with [`Component::oci`] set).
     #[serde(default, rename = "component")]
     pub components: Vec<Component>,
+    /// The OCI images the roles carry, as written (`[[image]]`).
+    #[serde(default, rename = "image")]
+    pub images: Vec<OciImage>,
 }
 
+/// `[base]`: where the packages come from.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Base {
     /// `debian` or `ubuntu`.
     pub distribution: String,
+    /// The suite (`bookworm`, `noble`).
     pub suite: String,
+    /// More suites from the same mirror (`noble-updates`).
     #[serde(default)]
     pub extra_suites: Vec<String>,
+    /// The archive mirror's URL.
     pub mirror: String,
+    /// Archive components (`main`, `universe`).
     pub components: Vec<String>,
+    /// The archive keyring the signed index is verified with.
     pub keyring: Keyring,
 }
 
+/// `base.keyring`: the archive key, pinned by sha256.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Keyring {
     /// The keyring file (on this machine, or inside `package`).
     pub path: String,
+    /// sha256 of the keyring file (64 lowercase hex digits).
     pub sha256: String,
     /// Where the keyring comes from when this machine does not have it: a Debian package, and
     /// `"MIRROR SUITE"` to get it from.
     #[serde(default)]
     pub package: Option<String>,
+    /// `"MIRROR SUITE"` to download `package` from.
     #[serde(default)]
     pub from: Option<String>,
 }
 
+/// `[packages]`: Debian packages per role, on top of the base system.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Packages {
+    /// Every role's.
     #[serde(default)]
     pub all: Vec<String>,
+    /// Masters' only.
     #[serde(default)]
     pub master: Vec<String>,
+    /// Workers' only.
     #[serde(default)]
     pub worker: Vec<String>,
+    /// Dedicated etcd members' only; an etcd image is made when this or a component names etcd.
     #[serde(default)]
     pub etcd: Vec<String>,
     /// Paths (globs, relative to /) removed from the tree.
@@ -83,22 +107,104 @@ impl Packages {
     }
 }
 
+/// `[[component]]`: a file from outside the archive (binaries, archives), pinned by digest.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Component {
+    /// Unique name, used in the lock.
     pub name: String,
+    /// Its version, for the image manifest and SBOM.
     pub version: String,
+    /// Where to download it (one of `url` and `file`).
     #[serde(default)]
     pub url: Option<String>,
+    /// The file on this machine, an absolute path (one of `url` and `file`).
     #[serde(default)]
     pub file: Option<PathBuf>,
+    /// sha256 of the file, as upstream publishes it.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// sha512 of the file, for upstreams that publish only that.
     #[serde(default)]
     pub sha512: Option<String>,
+    /// Where it goes in which roles' images.
     pub install: Vec<Install>,
+    /// Set for the component made from an `[[image]]`: the archive is installed as it is (never
+    /// unpacked) and imported into containerd on the node.
+    #[serde(skip)]
+    pub oci: Option<OciRef>,
 }
 
+/// An OCI image a definition's roles carry (`[[image]]`): an OCI image layout in a tar archive
+/// (what `ctr images import` reads), pinned by the archive's bytes and by its manifest digest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct OciImage {
+    /// `REPOSITORY:TAG`, the name containerd and pod specs use (e.g. `imgbuild.local/pause:3.4`).
+    pub reference: String,
+    /// `sha256:…` of the image manifest the archive's index names for TAG.
+    pub digest: String,
+    /// Where the archive is downloaded from (one of `url` and `file`).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// The archive on this machine, an absolute path (e.g. made by images/local/build-oci-images).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// sha256 of the archive file.
+    pub sha256: String,
+    /// The roles whose images carry it.
+    pub roles: Vec<Role>,
+    /// containerd's sandbox (pause) image on the roles that carry it; at most one per role.
+    #[serde(default)]
+    pub sandbox: bool,
+}
+
+/// What a node needs to import an OCI archive and name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OciRef {
+    /// `REPOSITORY:TAG`.
+    pub reference: String,
+    /// The reference's repository (`imgbuild.local/pause`), what `ctr images import --base-name` takes.
+    pub repository: String,
+    /// The reference's tag, which the archive's index names (`org.opencontainers.image.ref.name`).
+    pub tag: String,
+    /// `sha256:…` of the manifest.
+    pub digest: String,
+    /// containerd's sandbox image.
+    pub sandbox: bool,
+}
+
+impl OciRef {
+    /// The archive's path on the node.
+    pub fn archive_path(&self) -> String {
+        let last = self.repository.rsplit('/').next().unwrap_or(&self.repository);
+        format!("{}/{last}-{}.oci.tar", proto::paths::IMAGE_ARCHIVES, self.tag)
+    }
+}
+
+/// Splits `REPOSITORY:TAG` as the distribution spec defines them (lowercase path components
+/// of `[a-z0-9]` with `.`, `_`, `-` separators, an optional `host[:port]/` first; a tag of up to
+/// 128 of `[A-Za-z0-9_.-]`, not starting with `.` or `-`).
+pub fn split_reference(reference: &str) -> Option<(&str, &str)> {
+    let (repo, tag) = reference.rsplit_once(':')?;
+    let tag_ok = !tag.is_empty()
+        && tag.len() <= 128
+        && !tag.starts_with(['.', '-'])
+        && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    let component_ok = |c: &str, first: bool| {
+        !c.is_empty()
+            && c.bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() || b"._-".contains(&b) || (first && b == b':'))
+            && c.as_bytes()[0].is_ascii_alphanumeric()
+    };
+    let repo_ok = !repo.is_empty()
+        && repo.len() <= 255
+        && !tag.contains('/')
+        && repo.split('/').enumerate().all(|(i, c)| component_ok(c, i == 0 && repo.contains('/')));
+    (tag_ok && repo_ok).then_some((repo, tag))
+}
+
+/// Where a component (or a part of its archive) goes, and in which roles' images.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Install {
@@ -107,35 +213,51 @@ pub struct Install {
     pub from: Option<String>,
     /// Absolute path in the image; a directory when it ends in `/`.
     pub to: String,
+    /// The roles whose images get it.
     pub roles: Vec<Role>,
 }
 
 impl Component {
     /// Whether the source is a tar archive (by its name).
     pub fn is_archive(&self) -> bool {
+        if self.oci.is_some() {
+            return false;
+        }
         let name = self.url.clone().or_else(|| self.file.as_ref().map(|f| f.display().to_string())).unwrap_or_default();
         name.ends_with(".tar.gz") || name.ends_with(".tgz") || name.ends_with(".tar")
     }
 
+    /// Its URL, or its file's path.
     pub fn source(&self) -> String {
         self.url.clone().unwrap_or_else(|| self.file.as_ref().map(|f| f.display().to_string()).unwrap_or_default())
     }
 
+    /// Whether `role`'s image installs it.
     pub fn for_role(&self, role: Role) -> bool {
         self.install.iter().any(|i| i.roles.contains(&role))
     }
 }
 
+/// Why an image definition cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum DefinitionError {
+    /// The file cannot be read.
     #[error("cannot read image definition {path}")]
     Read {
+        /// The definition file.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// The file does not parse, or breaks a rule (every problem, joined with `; `).
     #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
+    Invalid {
+        /// The definition file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
@@ -143,6 +265,7 @@ fn is_hex(s: &str, len: usize) -> bool {
 }
 
 impl Definition {
+    /// Reads and checks the definition at `path`; returns it with its text (the lock pins the text).
     pub fn load(path: &Path) -> Result<(Definition, String), DefinitionError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| DefinitionError::Read { path: path.to_path_buf(), source })?;
@@ -150,6 +273,7 @@ impl Definition {
         Ok((def, text))
     }
 
+    /// Parses and checks definition text; `path` names it in errors. `[[image]]`s become components.
     pub fn parse(text: &str, path: &Path) -> Result<Definition, DefinitionError> {
         let invalid = |message: String| DefinitionError::Invalid { path: path.to_path_buf(), message };
         let def: Definition = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
@@ -218,10 +342,72 @@ impl Definition {
                 }
             }
         }
+        let mut def = def;
+        let mut sandboxes = BTreeSet::new();
+        for (i, img) in def.images.iter().enumerate() {
+            let at = format!("image[{i}] ({})", img.reference);
+            let Some((repository, tag)) = split_reference(&img.reference) else {
+                problems.push(format!(
+                    "{at}: reference must be REPOSITORY:TAG (lowercase repository path, tag of [A-Za-z0-9_.-]), e.g. imgbuild.local/pause:3.4"
+                ));
+                continue;
+            };
+            if !img.digest.strip_prefix("sha256:").is_some_and(|h| is_hex(h, 64)) {
+                problems.push(format!("{at}: digest must be sha256: and 64 lowercase hex digits (the manifest's)"));
+            }
+            if !is_hex(&img.sha256, 64) {
+                problems.push(format!("{at}: sha256 (of the archive) must be 64 lowercase hex digits"));
+            }
+            if img.roles.is_empty() {
+                problems.push(format!("{at}: roles: which roles carry it?"));
+            }
+            if img.sandbox {
+                for r in &img.roles {
+                    if !sandboxes.insert(*r) {
+                        problems.push(format!("{at}: a second sandbox image for {r}"));
+                    }
+                }
+            }
+            let oci = OciRef {
+                reference: img.reference.clone(),
+                repository: repository.to_string(),
+                tag: tag.to_string(),
+                digest: img.digest.clone(),
+                sandbox: img.sandbox,
+            };
+            let component = Component {
+                name: img.reference.clone(),
+                version: tag.to_string(),
+                url: img.url.clone(),
+                file: img.file.clone(),
+                sha256: Some(img.sha256.clone()),
+                sha512: None,
+                install: vec![Install { from: None, to: oci.archive_path(), roles: img.roles.clone() }],
+                oci: Some(oci),
+            };
+            match (&component.url, &component.file) {
+                (Some(u), None) if u.starts_with("https://") || u.starts_with("http://") => {}
+                (None, Some(f)) if f.is_absolute() => {}
+                _ => problems.push(format!("{at}: give exactly one of url (http(s)) and file (an absolute path)")),
+            }
+            if !names.insert(component.name.clone()) {
+                problems.push(format!("{at}: a second image or component with this name"));
+            }
+            for r in &img.roles {
+                if !targets.insert((component.install[0].to.clone(), *r)) {
+                    problems.push(format!("{at}: {} is installed twice for {r}", component.install[0].to));
+                }
+            }
+            def.components.push(component);
+        }
         if problems.is_empty() { Ok(def) } else { Err(invalid(problems.join("; "))) }
     }
 
     /// The Kubernetes version the image carries.
+    #[expect(
+        clippy::expect_used,
+        reason = "definitions come from `parse`, which refuses a version that does not parse"
+    )]
     pub fn kube_version(&self) -> KubeVersion {
         self.kubernetes.parse().expect("checked by parse")
     }
@@ -309,6 +495,31 @@ mod tests {
                 "bad role",
                 base.replacen("roles = [\"master\"] }]", "roles = [\"boss\"] }]", 1),
                 "unknown variant `boss`",
+            ),
+            (
+                "image reference without a tag",
+                base.replacen(
+                    "reference = \"imgbuild.local/busybox:1.35.0\"",
+                    "reference = \"imgbuild.local/busybox\"",
+                    1,
+                ),
+                "image[1] (imgbuild.local/busybox): reference must be REPOSITORY:TAG",
+            ),
+            (
+                "image digest not sha256",
+                base.replacen("digest = \"sha256:0917", "digest = \"md5:0917", 1),
+                "image[1] (imgbuild.local/busybox:1.35.0): digest must be sha256:",
+            ),
+            (
+                "two sandbox images",
+                // The last [[image]] (busybox) made a sandbox image too.
+                base.clone() + "sandbox = true\n",
+                "a second sandbox image for master",
+            ),
+            (
+                "image with no roles",
+                base.replacen("roles = [\"master\", \"worker\"]\nsandbox = true", "roles = []\nsandbox = true", 1),
+                "image[0] (imgbuild.local/pause:3.4-v1.20.2): roles: which roles carry it?",
             ),
         ];
         for (name, text, want) in cases {

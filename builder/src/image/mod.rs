@@ -11,6 +11,7 @@ pub mod definition;
 pub mod disk;
 pub mod files;
 pub mod lock;
+pub mod oci;
 pub mod outputs;
 pub mod tree;
 pub mod vmdk;
@@ -28,31 +29,65 @@ use self::lock::Lock;
 use crate::progress::{self, Unit};
 use crate::tools::{self, ToolError};
 
+/// Why a bake (or lock, or fetch) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BakeError {
+    /// A host tool is missing or failed.
     #[error(transparent)]
     Tool(#[from] ToolError),
+    /// The image definition cannot be read or is not valid.
     #[error(transparent)]
     Definition(#[from] definition::DefinitionError),
+    /// The lock cannot be made, read or used.
     #[error(transparent)]
     Lock(#[from] lock::LockError),
+    /// An input could not be fetched or verified.
     #[error(transparent)]
     Cache(#[from] cache::CacheError),
+    /// An OCI image archive is not what the definition pins.
+    #[error(transparent)]
+    Oci(#[from] oci::OciError),
+    /// The definition makes no image of the asked role.
     #[error("{image} has no {role} image (roles: master, worker{etcd})", etcd = if *.has_etcd { ", etcd" } else { "" })]
-    Role { image: String, role: Role, has_etcd: bool },
+    Role {
+        /// The definition's name.
+        image: String,
+        /// The role asked for.
+        role: Role,
+        /// Whether the definition makes etcd images.
+        has_etcd: bool,
+    },
+    /// The image's Kubernetes is not the one the cluster pins.
     #[error(
         "image {image} carries Kubernetes {image_version}, but cluster '{cluster}' pins {cluster_version} (spec.versions.kubernetes)"
     )]
-    Version { image: String, image_version: String, cluster: String, cluster_version: String },
+    Version {
+        /// The definition's name.
+        image: String,
+        /// The Kubernetes version it carries.
+        image_version: String,
+        /// The cluster's name.
+        cluster: String,
+        /// The version the cluster pins.
+        cluster_version: String,
+    },
+    /// The firstboot binary to install is not there.
     #[error("no firstboot binary at {}: build it with `cargo build --release --bins` or give --firstboot", .0.display())]
     Firstboot(PathBuf),
+    /// The definition has no lock, and `--offline` cannot make one.
     #[error(
         "{} does not exist and --offline cannot resolve one: run `imgbuild lock` where the mirror is reachable",
         .0.display()
     )]
     NoLock(PathBuf),
+    /// A file or directory could not be read or written.
     #[error("{}: {error}", path.display())]
-    Io { path: PathBuf, error: std::io::Error },
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        error: std::io::Error,
+    },
     /// An output format's own limit, or a shipped template that does not render.
     #[error("{0}")]
     Output(String),
@@ -60,6 +95,7 @@ pub enum BakeError {
 
 /// `.at(path)` on an I/O result: the error names the file it was about.
 pub trait IoAt<T> {
+    /// Maps the error to [`BakeError::Io`] naming `path`.
     fn at(self, path: impl AsRef<Path>) -> Result<T, BakeError>;
 }
 
@@ -69,12 +105,19 @@ impl<T> IoAt<T> for std::io::Result<T> {
     }
 }
 
+/// What to bake, from what, and where to.
 pub struct BakeOptions {
+    /// The image definition (`images/<name>.toml`); its lock is beside it.
     pub image: PathBuf,
+    /// The roles to bake, in order.
     pub roles: Vec<Role>,
+    /// The output directory: each role's image goes to `<out>/<role>/`.
     pub out: PathBuf,
+    /// Use only the cache.
     pub offline: bool,
+    /// The cache directory.
     pub cache: PathBuf,
+    /// The firstboot binary to install.
     pub firstboot: PathBuf,
     /// Rebuild the base tree and the root file system even when the cache has them
     /// (reproducibility checks).
@@ -84,9 +127,13 @@ pub struct BakeOptions {
 /// One baked role.
 #[derive(Debug)]
 pub struct Baked {
+    /// The role.
     pub role: Role,
+    /// Where its outputs are (`<out>/<role>/`).
     pub dir: PathBuf,
+    /// How long the bake took, in seconds.
     pub seconds: f64,
+    /// Each step's name and seconds, in order.
     pub steps: Vec<(String, f64)>,
 }
 
@@ -192,6 +239,7 @@ pub fn bake_role(
             disk::erofs(&tree::firstboot_layer(&opts.firstboot, &work)?, &fb_layer, &ids.firstboot_fs, epoch)
         });
         let rootfs = tree::root_image(def, lock, role, &base, cache, &ids.root_fs, epoch, &work, opts.fresh_tree);
+        #[expect(clippy::expect_used, reason = "join fails only if the thread panicked, a bug: the panic goes on")]
         side.join().expect("ESP thread panicked")?;
         rootfs
     })?;
@@ -222,7 +270,9 @@ pub fn bake_role(
         });
         outputs::ova(&raw, &tmp, def, role, epoch)?;
         let ova = done(&format!("{role}.ova"))?;
+        #[expect(clippy::expect_used, reason = "join fails only if the thread panicked, a bug: the panic goes on")]
         let mut side = side.join().expect("qcow2 thread panicked")?;
+        #[expect(clippy::expect_used, reason = "join fails only if the thread panicked, a bug: the panic goes on")]
         let mut all = vec![raw_entry.join().expect("digest thread panicked")?, side.remove(0), ova];
         all.extend(side);
         Ok(all)
@@ -232,6 +282,7 @@ pub fn bake_role(
     let fb =
         serde_json::json!({"sha256": fb256, "size": std::fs::metadata(&opts.firstboot).map(|m| m.len()).unwrap_or(0)});
     let manifest = outputs::manifest(def, lock, role, &fb, lock_sha256, outputs_list, epoch);
+    #[expect(clippy::expect_used, reason = "a serde_json::Value always serializes")]
     let write_json = |name: &str, v: &serde_json::Value| {
         let path = tmp.join(name);
         std::fs::write(&path, serde_json::to_vec_pretty(v).expect("JSON values serialize")).at(&path)
@@ -295,6 +346,10 @@ pub async fn bake(opts: &BakeOptions, cluster_version: Option<(String, String)>)
             firstboot: opts.firstboot.clone(),
             fresh_tree: opts.fresh_tree,
         };
+        #[expect(
+            clippy::expect_used,
+            reason = "a blocking task is never cancelled: it fails only if the bake panicked, a bug: the panic goes on"
+        )]
         let b = tokio::task::spawn_blocking(move || bake_role(&d, &l, &s, &c, role, &o))
             .await
             .expect("the bake thread panicked")?;

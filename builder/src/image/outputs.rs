@@ -135,32 +135,22 @@ pub fn ova(disk_raw: &Path, dir: &Path, def: &Definition, role: Role, epoch: i64
 const TAR_BLOCK: u64 = 512;
 
 /// A ustar header for a regular file (mode 0644, owner and group 0, no names), as
-/// `tar --format=ustar --owner=0 --group=0 --numeric-owner --mtime=@EPOCH` writes it.
+/// `tar --format=ustar --owner=0 --group=0 --numeric-owner --mtime=@EPOCH` writes it (but for
+/// the checksum's digits: the `tar` crate writes seven and a NUL, GNU tar six, a NUL and a space;
+/// POSIX allows both).
 fn tar_header(name: &str, size: u64, mtime: i64) -> Result<[u8; 512], BakeError> {
-    if name.len() > 100 {
-        return Err(BakeError::Output(format!("{name}: longer than a ustar name (100 bytes)")));
-    }
-    let mut h = [0u8; 512];
-    let octal = |h: &mut [u8; 512], at: usize, width: usize, v: u64| {
-        let text = format!("{v:0w$o}", w = width - 1);
-        h[at..at + width - 1].copy_from_slice(text.as_bytes());
-    };
-    h[..name.len()].copy_from_slice(name.as_bytes());
-    octal(&mut h, 100, 8, 0o644);
-    octal(&mut h, 108, 8, 0);
-    octal(&mut h, 116, 8, 0);
-    octal(&mut h, 124, 12, size);
-    octal(&mut h, 136, 12, mtime.max(0) as u64);
-    h[148..156].fill(b' ');
-    h[156] = b'0';
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    octal(&mut h, 329, 8, 0);
-    octal(&mut h, 337, 8, 0);
-    let sum: u64 = h.iter().map(|b| u64::from(*b)).sum();
-    let text = format!("{sum:06o}\0 ");
-    h[148..156].copy_from_slice(text.as_bytes());
-    Ok(h)
+    let mut h = tar::Header::new_ustar();
+    h.set_path(name).map_err(|e| BakeError::Output(format!("{name}: not a ustar member name: {e}")))?;
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_size(size);
+    h.set_mtime(mtime.max(0) as u64);
+    h.set_device_major(0).map_err(|e| BakeError::Output(e.to_string()))?;
+    h.set_device_minor(0).map_err(|e| BakeError::Output(e.to_string()))?;
+    h.set_cksum();
+    Ok(*h.as_bytes())
 }
 
 /// A file's entry for manifest.json.
@@ -189,6 +179,7 @@ pub fn manifest(
         "sourceDateEpoch": epoch,
         "packages": lock.packages_for(role).map(|p| json!({"name": p.name, "version": p.version, "arch": p.arch, "sha256": p.sha256, "size": p.size})).collect::<Vec<_>>(),
         "components": def.components.iter().filter(|c| c.for_role(role)).filter_map(|c| lock.component(&c.name)).map(|c| json!({"name": c.name, "version": c.version, "source": c.source, "sha256": c.sha256, "size": c.size})).collect::<Vec<_>>(),
+        "images": super::oci::for_role(def, role).map(|o| json!({"reference": o.reference, "digest": o.digest, "archive": o.archive_path(), "sandbox": o.sandbox})).collect::<Vec<_>>(),
         "firstboot": firstboot,
         "outputs": outputs,
     })
@@ -223,14 +214,27 @@ pub fn sbom(def: &Definition, lock: &Lock, role: Role, lock_sha256: &str, epoch:
         relationships
             .push(json!({"spdxElementId": image_id, "relationshipType": "CONTAINS", "relatedSpdxElement": id}));
     }
-    for c in def.components.iter().filter(|c| c.for_role(role)).filter_map(|c| lock.component(&c.name)) {
+    for (oci, c) in def
+        .components
+        .iter()
+        .filter(|c| c.for_role(role))
+        .filter_map(|c| lock.component(&c.name).map(|locked| (c.oci.as_ref(), locked)))
+    {
         let id = spdx_id("Component", &format!("{}-{}", c.name, c.version));
-        packages.push(json!({
+        let mut package = json!({
             "SPDXID": id, "name": c.name, "versionInfo": c.version,
             "downloadLocation": if c.source.starts_with("http") { c.source.clone() } else { "NOASSERTION".to_string() },
             "filesAnalyzed": false, "checksums": [{"algorithm": "SHA256", "checksumValue": c.sha256}],
             "licenseConcluded": "NOASSERTION", "licenseDeclared": "NOASSERTION", "copyrightText": "NOASSERTION",
-        }));
+        });
+        if let Some(oci) = oci {
+            // An OCI image by its manifest digest (purl-spec's `oci` type).
+            let name = oci.repository.rsplit('/').next().unwrap_or(&oci.repository);
+            package["primaryPackagePurpose"] = json!("CONTAINER");
+            package["externalRefs"] = json!([{"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl",
+                "referenceLocator": format!("pkg:oci/{name}@{}?repository_url={}&tag={}", oci.digest.replace(':', "%3A"), oci.repository, oci.tag)}]);
+        }
+        packages.push(package);
         relationships
             .push(json!({"spdxElementId": image_id, "relationshipType": "CONTAINS", "relatedSpdxElement": id}));
     }

@@ -87,6 +87,7 @@ rm -rf var/log/* var/cache/apt/* var/lib/apt/lists/* var/cache/debconf/*-old var
 fn stage_image_files(dir: &Path) -> std::io::Result<()> {
     for (path, contents, mode) in embedded::IMAGE_FILES {
         let p = dir.join(path);
+        #[expect(clippy::expect_used, reason = "`dir` joined with a relative file path has a parent")]
         std::fs::create_dir_all(p.parent().expect("relative path has a parent"))?;
         std::fs::write(&p, contents)?;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode))?;
@@ -212,7 +213,14 @@ fn mmdebstrap(cmd: &mut Command, root: &Path, role: Role, packages: u64) -> Resu
 fn image_info(def: &Definition, role: Role) -> Vec<u8> {
     let components =
         def.components.iter().filter(|c| c.for_role(role)).map(|c| (c.name.clone(), c.version.clone())).collect();
-    let info = ImageInfo { name: def.name.clone(), role, kubernetes_version: def.kubernetes.clone(), components };
+    let info = ImageInfo {
+        name: def.name.clone(),
+        role,
+        kubernetes_version: def.kubernetes.clone(),
+        components,
+        sandbox_image: super::oci::sandbox(def, role),
+    };
+    #[expect(clippy::expect_used, reason = "ImageInfo is strings, a role and a string map: JSON holds all of them")]
     serde_json::to_vec_pretty(&info).expect("serializes")
 }
 
@@ -228,6 +236,7 @@ pub fn role_key(def: &Definition, lock: &Lock, role: Role, epoch: i64) -> Result
         }
     }
     let _ = writeln!(s, "image.json {}", sha256_hex(&image_info(def, role)));
+    let _ = writeln!(s, "images {}", sha256_hex(super::oci::list(def, role).as_bytes()));
     let _ = writeln!(s, "layer {} -> {}", proto::paths::BINARY, proto::paths::LAYER);
     Ok(sha256_hex(s.as_bytes()))
 }
@@ -254,6 +263,9 @@ pub fn role_tree(
     for c in def.components.iter().filter(|c| c.for_role(role)) {
         let locked = lock.require(&c.name)?;
         let blob = cache.blob(&locked.sha256);
+        if let Some(oci) = &c.oci {
+            super::oci::verify(&blob, oci)?;
+        }
         let src_dir = if c.is_archive() {
             let x = work.join("extract").join(&c.name);
             std::fs::create_dir_all(&x).at(&x)?;
@@ -286,9 +298,18 @@ pub fn role_tree(
     let _ = std::fs::remove_file(&binary);
     std::os::unix::fs::symlink(Path::new(proto::paths::LAYER).join("firstboot"), &binary).at(&binary)?;
     let info_path = proto::paths::under(&root, proto::paths::IMAGE_INFO);
+    #[expect(clippy::expect_used, reason = "a path under a root joined with an absolute node path has a parent")]
     std::fs::create_dir_all(info_path.parent().expect("has parent")).at(&info_path)?;
     let _ = std::fs::remove_file(&info_path);
     std::fs::write(&info_path, image_info(def, role)).at(&info_path)?;
+    let list = super::oci::list(def, role);
+    if !list.is_empty() {
+        let list_path = proto::paths::under(&root, proto::paths::IMAGE_LIST);
+        #[expect(clippy::expect_used, reason = "a path under a root joined with an absolute node path has a parent")]
+        std::fs::create_dir_all(list_path.parent().expect("has parent")).at(&list_path)?;
+        let _ = std::fs::remove_file(&list_path);
+        std::fs::write(&list_path, list).at(&list_path)?;
+    }
     Ok(root)
 }
 
@@ -366,7 +387,9 @@ fn install_file(src: &Path, dst: &Path) -> Result<(), BakeError> {
         path: dst.to_path_buf(),
         error: std::io::Error::new(e.kind(), format!("from {}: {e}", src.display())),
     };
-    std::fs::create_dir_all(dst.parent().expect("absolute path has a parent")).map_err(io)?;
+    let dir =
+        dst.parent().ok_or_else(|| io(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no parent directory")))?;
+    std::fs::create_dir_all(dir).map_err(io)?;
     let _ = std::fs::remove_file(dst);
     std::fs::copy(src, dst).map_err(io)?;
     std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o755)).map_err(io)

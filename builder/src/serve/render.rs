@@ -37,19 +37,26 @@ use crate::tokens::{DEFAULT_NODE_GROUP, TokenRecord};
 
 /// Rendered when a node sends no image information and the cluster pins no version.
 pub const DEFAULT_KUBERNETES: &str = "v1.34.7";
-const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.10";
+/// containerd's sandbox image when the node's image carries none (then pulled at boot).
+pub const DEFAULT_SANDBOX_IMAGE: &str = "registry.k8s.io/pause:3.10";
 
 /// The version-dependent choices (see the module docs).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Versioned {
+    /// Before 1.27: the kubelet takes `--container-runtime=remote` and the endpoint as flags.
     pub runtime_flags: bool,
+    /// Before 1.24: `--insecure-port=0` (apiserver) and `--port=0` (controller-manager, scheduler).
     pub insecure_port_flag: bool,
+    /// The `KubeSchedulerConfiguration` apiVersion.
     pub scheduler_api: &'static str,
+    /// The kubelet's and containerd's cgroup driver (`cgroupfs` or `systemd`).
     pub cgroup_driver: &'static str,
+    /// The key of the masters' taint.
     pub control_plane_taint: &'static str,
 }
 
 impl Versioned {
+    /// The choices for Kubernetes `v`.
     pub fn of(v: KubeVersion) -> Versioned {
         let minor = if v.major > 1 { u32::MAX } else { v.minor };
         Versioned {
@@ -76,6 +83,7 @@ struct MasterSecret {
     contents: String,
 }
 
+/// Renders node configs and the cluster objects, from the state dir's CAs and master secrets.
 pub struct Renderer {
     cluster: Cluster,
     ca_pems: Vec<(CaKind, String)>,
@@ -114,6 +122,7 @@ fn unit_file(name: &str, ctx: &minijinja::Value) -> Result<FileSpec, ApiError> {
 }
 
 impl Renderer {
+    /// Reads the CA certificates, the CA keys and the service-account keys from the state dir.
     pub fn new(state: &State, cluster: &Cluster) -> Result<Self> {
         let pki = state.pki_dir();
         let mut ca_pems = Vec::new();
@@ -136,6 +145,10 @@ impl Renderer {
         Ok(Renderer { cluster: cluster.clone(), ca_pems, ca_pin, master_secrets })
     }
 
+    #[expect(
+        clippy::expect_used,
+        reason = "`new` loads the cluster, etcd and front-proxy CAs, the only kinds this is asked for"
+    )]
     fn ca_pem(&self, kind: CaKind) -> &str {
         &self.ca_pems.iter().find(|(k, _)| *k == kind).expect("loaded at start").1
     }
@@ -185,7 +198,8 @@ impl Renderer {
             crate::tokens::join_token(tokens, OffsetDateTime::now_utc()).map(|t| t.token.clone()).ok_or_else(|| {
                 ApiError::new(ErrorCode::Internal, "no valid join token: run `imgbuild init --rotate join-token`")
             })?;
-        let inputs = NodeInputs { version, containerd2, join_token, ca_pin: self.ca_pin };
+        let sandbox_image = node.image.as_ref().and_then(|i| i.sandbox_image.clone());
+        let inputs = NodeInputs { version, containerd2, join_token, ca_pin: self.ca_pin, sandbox_image };
         self.render(&node.identity(), node.pod_index, &inputs)
     }
 
@@ -206,7 +220,7 @@ impl Renderer {
             pod_cidr => c.networks.pod_cidr.to_string(), service_cidr => c.networks.service_cidr.to_string(),
             node_pod_cidr => pod_cidr, taint => taint, vip => c.api.vip.to_string(), port => c.api.port,
             containerd2 => inputs.containerd2, systemd_cgroup => v.cgroup_driver == "systemd",
-            pause_image => PAUSE_IMAGE,
+            pause_image => inputs.sandbox_image.as_deref().unwrap_or(DEFAULT_SANDBOX_IMAGE),
         };
         let mut p = Parts {
             files: vec![file(paths::CA_CERT, 0o644, self.ca_pem(CaKind::Cluster))],
@@ -441,8 +455,15 @@ struct Parts {
 
 /// What a node's config depends on besides the cluster and the node record.
 pub struct NodeInputs {
+    /// The Kubernetes version the node runs.
     pub version: KubeVersion,
+    /// The image carries containerd 2 (its config format differs).
     pub containerd2: bool,
+    /// The bootstrap token for kubelet TLS bootstrap.
     pub join_token: proto::BootstrapToken,
+    /// The cluster CA's pin, for discovery.
     pub ca_pin: proto::pin::CaPin,
+    /// The sandbox image the node's image carries ([`proto::wire::ImageInfo::sandbox_image`]);
+    /// none: [`DEFAULT_SANDBOX_IMAGE`].
+    pub sandbox_image: Option<String>,
 }
