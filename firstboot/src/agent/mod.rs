@@ -40,10 +40,11 @@ pub struct Options {
     pub config: Option<PathBuf>,
     /// Give up (and fail) after this long; systemd restarts the unit later.
     pub deadline: Duration,
-    /// `vmware-rpctool`, for the guestinfo source.
-    pub rpctool: PathBuf,
+    /// open-vm-tools' `vmtoolsd`, for the guestinfo source.
+    pub vmtoolsd: PathBuf,
     /// Run the join phase (off only for tests without a cluster).
     pub join: bool,
+    /// How calls of the enrollment server are retried.
     pub backoff: Backoff,
     /// Test hook: abort the process (like a power cut) at this point.
     pub crash: Option<Crash>,
@@ -53,12 +54,13 @@ pub struct Options {
 }
 
 impl Options {
+    /// The defaults a node runs with (30-minute deadline, join on), acting on the tree at `root`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Options {
             root: root.into(),
             config: None,
             deadline: Duration::from_secs(30 * 60),
-            rpctool: "/usr/bin/vmware-rpctool".into(),
+            vmtoolsd: source::VMTOOLSD.into(),
             join: true,
             backoff: Backoff::default(),
             crash: None,
@@ -67,12 +69,21 @@ impl Options {
     }
 }
 
+/// Why a run stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// A phase failed; the record stays at that phase for the next run.
     #[error("phase {phase} failed: {}", error.chain())]
-    Phase { phase: Phase, error: PhaseError },
+    Phase {
+        /// The phase that failed.
+        phase: Phase,
+        /// Why it failed.
+        error: PhaseError,
+    },
+    /// The phase record could not be read or written.
     #[error(transparent)]
     Record(#[from] record::RecordError),
+    /// Connecting to systemd failed.
     #[error(transparent)]
     Systemd(#[from] systemd::SystemdError),
 }
@@ -110,14 +121,27 @@ fn crash_if(hook: Option<Crash>, at: Crash) {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// This run finished provisioning.
-    Provisioned { node: String, message: String },
+    Provisioned {
+        /// The node's name.
+        node: String,
+        /// The last phase's outcome ("joined", "control plane ready").
+        message: String,
+    },
     /// Provisioned on an earlier boot; only a status report was sent.
-    AlreadyProvisioned { node: String, message: String },
+    AlreadyProvisioned {
+        /// The node's name.
+        node: String,
+        /// What the status report said.
+        message: String,
+    },
 }
 
+/// One run of firstboot over a tree: its phase record, its host and systemd (real or recorded).
 pub struct Agent<H: Host, S: Systemd> {
     opts: Options,
+    /// What changes the host: the real one, or a [`host::Recorder`] in tests.
     pub host: H,
+    /// How units are managed: D-Bus, or a recorder in tests.
     pub systemd: S,
     file: RecordFile,
     record: Record,
@@ -197,6 +221,7 @@ fn resolve_owner(root: &Path, owner: Option<&str>) -> Result<Option<(u32, u32)>,
 }
 
 impl<H: Host, S: Systemd> Agent<H, S> {
+    /// An agent over `opts.root`, with its phase record loaded (a new one on first boot).
     pub fn new(opts: Options, host: H, systemd: S) -> Result<Self, AgentError> {
         let file = RecordFile::new(&opts.root);
         let record = file.load()?;
@@ -206,6 +231,7 @@ impl<H: Host, S: Systemd> Agent<H, S> {
         Ok(Agent { deadline: Instant::now() + opts.deadline, opts, host, systemd, file, record, boot_id, client: None })
     }
 
+    /// The phase record as it stands.
     pub fn record(&self) -> &Record {
         &self.record
     }
@@ -349,7 +375,7 @@ impl<H: Host, S: Systemd> Agent<H, S> {
         let root = self.opts.root.clone();
         let identity = identity::identify(&root, &identity::default_sources());
         let identity = identity.normalized().map_err(|_| PhaseError::NoIdentity)?;
-        let sources = source::default_sources(self.opts.config.clone(), self.opts.rpctool.clone());
+        let sources = source::default_sources(self.opts.config.clone(), self.opts.vmtoolsd.clone());
         let (found, from) = source::load(&root, &sources)?
             .ok_or_else(|| PhaseError::NoPayload(sources.iter().map(|s| s.name()).collect()))?;
         let config = match found {

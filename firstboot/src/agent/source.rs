@@ -5,7 +5,7 @@
 //! 2. [`paths::BOOT_CONFIG`], written by Ignition (`storage.files`) or cloud-init (`write_files`);
 //! 3. the kernel command line, inline or as `firstboot.config=URL` (PXE);
 //! 4. VMware guestinfo (`guestinfo.ignition.config.data`, then `guestinfo.userdata`, with their
-//!    `.encoding`: base64 or gzip+base64), read with `vmware-rpctool` from open-vm-tools;
+//!    `.encoding`: base64 or gzip+base64), read with open-vm-tools' `vmtoolsd --cmd`;
 //! 5. QEMU fw_cfg `opt/com.coreos/config`, where Ignition's QEMU platform (and libvirt) put an
 //!    Ignition config.
 //!
@@ -21,10 +21,17 @@ use base64::engine::general_purpose::STANDARD as B64;
 use proto::bootcfg::{BOOT_CONFIG_VERSION, BootConfig, CmdlineConfig, parse_cmdline};
 use proto::paths;
 
+/// Why a payload that was found cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    /// The payload does not parse or decode.
     #[error("{source_name}: {message}")]
-    Invalid { source_name: String, message: String },
+    Invalid {
+        /// Where it was found.
+        source_name: String,
+        /// What is wrong with it.
+        message: String,
+    },
 }
 
 fn invalid(source_name: &str, message: impl Into<String>) -> SourceError {
@@ -34,15 +41,20 @@ fn invalid(source_name: &str, message: impl Into<String>) -> SourceError {
 /// A payload as found, before a remote one is fetched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Found {
+    /// The payload itself.
     Config(BootConfig),
     /// Fetch from this URL; trust only this CA when it is HTTPS.
     Remote {
+        /// Where the payload is (`http://` or `https://`).
         url: String,
+        /// The CA an HTTPS server must chain to; a plain-HTTP payload must name it too.
         pin: proto::pin::CaPin,
     },
 }
 
+/// One transport a payload can come by.
 pub trait ConfigSource: Send + Sync {
+    /// The source's name, for the log and errors.
     fn name(&self) -> String;
     /// `Ok(None)` when this transport carries no payload.
     fn load(&self, root: &Path) -> Result<Option<Found>, SourceError>;
@@ -200,14 +212,49 @@ impl ConfigSource for KernelCmdline {
     }
 }
 
-/// VMware guestinfo through `vmware-rpctool`.
+/// VMware guestinfo through open-vm-tools' `vmtoolsd --cmd "info-get KEY"`: the form VMware
+/// documents and that keeps working where a VM's tools policy restricts `vmware-rpctool`. Outside
+/// VMware, or for a key that is not set, vmtoolsd exits non-zero and the source has nothing.
 pub struct Guestinfo {
-    pub rpctool: PathBuf,
+    /// The `vmtoolsd` binary; the source is skipped when it is absent.
+    pub vmtoolsd: PathBuf,
+}
+
+/// Where open-vm-tools installs vmtoolsd (the images carry it).
+pub const VMTOOLSD: &str = "/usr/bin/vmtoolsd";
+
+/// The OVF environment property keys firstboot reads: the vApp properties the OVA declares.
+const OVF_KEYS: [&str; 4] = [
+    "guestinfo.ignition.config.data",
+    "guestinfo.ignition.config.data.encoding",
+    "guestinfo.userdata",
+    "guestinfo.userdata.encoding",
+];
+
+/// The vApp properties of an OVF environment document (what vSphere puts in `guestinfo.ovfEnv`
+/// when the OVA's `ovf:transport="com.vmware.guestInfo"` is honoured): `oe:key` → `oe:value` of
+/// every `PropertySection/Property`, for the keys firstboot reads. Empty values count as unset.
+pub fn ovf_env_properties(xml: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    const OE: &str = "http://schemas.dmtf.org/ovf/environment/1";
+    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("guestinfo.ovfEnv is not XML: {e}"))?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "Environment" || root.tag_name().namespace() != Some(OE) {
+        return Err(format!("guestinfo.ovfEnv: the root element is not {OE}'s Environment"));
+    }
+    Ok(root
+        .descendants()
+        .filter(|n| n.has_tag_name((OE, "Property")))
+        .filter(|n| n.parent_element().is_some_and(|p| p.has_tag_name((OE, "PropertySection"))))
+        .filter_map(|n| Some((n.attribute((OE, "key"))?, n.attribute((OE, "value"))?)))
+        .filter(|(k, v)| OVF_KEYS.contains(k) && !v.is_empty())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
 }
 
 impl Guestinfo {
     fn get(&self, key: &str) -> Option<String> {
-        let out = std::process::Command::new(&self.rpctool).arg(format!("info-get {key}")).output().ok()?;
+        let out =
+            std::process::Command::new(&self.vmtoolsd).arg("--cmd").arg(format!("info-get {key}")).output().ok()?;
         let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
         (out.status.success() && !v.is_empty()).then_some(v)
     }
@@ -218,13 +265,24 @@ impl ConfigSource for Guestinfo {
         "VMware guestinfo".into()
     }
     fn load(&self, _root: &Path) -> Result<Option<Found>, SourceError> {
-        if !self.rpctool.exists() {
+        if !self.vmtoolsd.exists() {
             return Ok(None);
         }
+        // `govc vm.change -e guestinfo.KEY=…` sets keys directly; a vApp property set when the
+        // OVA is deployed arrives inside the OVF environment. A direct key wins.
+        let ovf = match self.get("guestinfo.ovfEnv") {
+            Some(xml) => ovf_env_properties(&xml).map_err(|e| invalid(&self.name(), e))?,
+            None => Default::default(),
+        };
+        let get = |key: &str| -> Option<(String, String)> {
+            match self.get(key) {
+                Some(v) => Some((v, format!("{} {key}", self.name()))),
+                None => ovf.get(key).map(|v| (v.clone(), format!("{} ovfEnv property {key}", self.name()))),
+            }
+        };
         for key in ["guestinfo.ignition.config.data", "guestinfo.userdata"] {
-            if let Some(value) = self.get(key) {
-                let name = format!("{} {key}", self.name());
-                let encoding = self.get(&format!("{key}.encoding"));
+            if let Some((value, name)) = get(key) {
+                let encoding = get(&format!("{key}.encoding")).map(|(e, _)| e);
                 let text = decode_guestinfo(&value, encoding.as_deref()).map_err(|e| invalid(&name, e))?;
                 return parse_payload(&text, &name).map(|c| Some(Found::Config(c)));
             }
@@ -236,6 +294,7 @@ impl ConfigSource for Guestinfo {
 /// QEMU's fw_cfg, as the qemu_fw_cfg kernel module exposes it.
 pub struct QemuFwCfg;
 
+/// Where fw_cfg exposes the Ignition config QEMU was given.
 pub const FW_CFG_IGNITION: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/com.coreos/config/raw";
 
 impl ConfigSource for QemuFwCfg {
@@ -258,14 +317,14 @@ impl ConfigSource for QemuFwCfg {
 }
 
 /// The transports in their documented order.
-pub fn default_sources(explicit: Option<PathBuf>, rpctool: PathBuf) -> Vec<Box<dyn ConfigSource>> {
+pub fn default_sources(explicit: Option<PathBuf>, vmtoolsd: PathBuf) -> Vec<Box<dyn ConfigSource>> {
     let mut v: Vec<Box<dyn ConfigSource>> = Vec::new();
     if let Some(p) = explicit {
         v.push(Box::new(LocalFile(p)));
     }
     v.push(Box::new(WrittenFile));
     v.push(Box::new(KernelCmdline));
-    v.push(Box::new(Guestinfo { rpctool }));
+    v.push(Box::new(Guestinfo { vmtoolsd }));
     v.push(Box::new(QemuFwCfg));
     v
 }
@@ -371,26 +430,56 @@ mod tests {
     }
 
     #[test]
-    fn guestinfo_through_rpctool() {
+    fn guestinfo_through_vmtoolsd() {
         let d = tempfile::tempdir().unwrap();
         let ign = serde_json::json!({"ignition": {"version": "3.4.0"}, "storage": {"files": [{"path": paths::BOOT_CONFIG, "contents": {"source": format!("data:;base64,{}", B64.encode(serde_json::to_string(&sample()).unwrap()))}}]}});
-        // vmware-rpctool stands in for the hypervisor here: it answers `info-get KEY` from files.
-        let tool = d.path().join("vmware-rpctool");
+        // A vmtoolsd stands in for the hypervisor here: it answers `--cmd "info-get KEY"` from
+        // files, and fails as the real one does for an unset key.
+        let tool = d.path().join("vmtoolsd");
         std::fs::write(d.path().join("guestinfo.ignition.config.data"), gzip_b64(&ign.to_string())).unwrap();
         std::fs::write(d.path().join("guestinfo.ignition.config.data.encoding"), "gzip+base64").unwrap();
         std::fs::write(
             &tool,
             format!(
-                "#!/bin/sh\nk=${{1#info-get }}\n[ -f '{0}/'\"$k\" ] || exit 1\ncat '{0}/'\"$k\"\n",
+                "#!/bin/sh\n[ \"$1\" = --cmd ] || exit 2\nk=${{2#info-get }}\n[ -f '{0}/'\"$k\" ] || {{ echo 'No value found' >&2; exit 1; }}\ncat '{0}/'\"$k\"\n",
                 d.path().display()
             ),
         )
         .unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let g = Guestinfo { rpctool: tool };
+        let g = Guestinfo { vmtoolsd: tool };
         assert_eq!(g.load(d.path()).unwrap(), Some(Found::Config(sample())));
-        assert_eq!(Guestinfo { rpctool: "/nonexistent".into() }.load(d.path()).unwrap(), None);
+        assert_eq!(Guestinfo { vmtoolsd: "/nonexistent".into() }.load(d.path()).unwrap(), None);
         assert!(decode_guestinfo("xx", Some("rot13")).unwrap_err().contains("unknown encoding"));
+
+        // Deployed from the OVA with the vApp properties set: only guestinfo.ovfEnv exists.
+        for f in ["guestinfo.ignition.config.data", "guestinfo.ignition.config.data.encoding"] {
+            std::fs::remove_file(d.path().join(f)).unwrap();
+        }
+        let env = format!(
+            r#"<?xml version="1.0" encoding="UTF-8"?>
+<Environment xmlns="http://schemas.dmtf.org/ovf/environment/1" xmlns:oe="http://schemas.dmtf.org/ovf/environment/1" xmlns:ve="http://www.vmware.com/schema/ovfenv" oe:id="" ve:vCenterId="vm-42">
+  <PlatformSection><Kind>VMware ESXi</Kind><Version>8.0.0</Version></PlatformSection>
+  <PropertySection>
+    <Property oe:key="guestinfo.ignition.config.data" oe:value="{}"/>
+    <Property oe:key="guestinfo.ignition.config.data.encoding" oe:value="gzip+base64"/>
+    <Property oe:key="guestinfo.userdata" oe:value=""/>
+  </PropertySection>
+</Environment>"#,
+            gzip_b64(&ign.to_string())
+        );
+        std::fs::write(d.path().join("guestinfo.ovfEnv"), &env).unwrap();
+        assert_eq!(g.load(d.path()).unwrap(), Some(Found::Config(sample())));
+        // A damaged value names where it came from.
+        std::fs::write(d.path().join("guestinfo.ovfEnv"), env.replace("gzip+base64\"", "base64\"")).unwrap();
+        let e = g.load(d.path()).unwrap_err().to_string();
+        assert!(e.contains("ovfEnv property guestinfo.ignition.config.data"), "{e}");
+        for (bad, want) in [
+            ("<Environment/>", "not http://schemas.dmtf.org/ovf/environment/1's Environment"),
+            ("<Environment", "not XML"),
+        ] {
+            assert!(ovf_env_properties(bad).unwrap_err().contains(want), "{bad}");
+        }
     }
 }
