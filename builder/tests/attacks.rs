@@ -345,6 +345,40 @@ fn invented_machines_are_bounded() {
     });
 }
 
+/// The approval queue's count (which caps invented machines in all) moves only for machines that
+/// were queued: enrollments of other machines leave it alone. They once decremented it, lifting
+/// the cap by one per enrollment, and made every enrollment conflict with every other on that key.
+#[test]
+fn enrollments_leave_the_approval_queue_count_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (st, s) = server(dir.path(), |t| t.replace("policy: known-only", "policy: auto-worker"), &[]);
+    let now = time::OffsetDateTime::now_utc();
+    let worker_token = st.tokens().unwrap().enrollment_token(proto::Role::Worker, now).unwrap().token.clone();
+    rt().block_on(async {
+        let key = rcgen::KeyPair::generate().unwrap();
+        for i in 0..2 {
+            let mut c = RawTls::open(addr(&s), pin(&st), None).await;
+            let (code, body) = c.enroll(None, &[&format!("52:54:00:cc:00:{i:02x}")], &key, None).await;
+            assert_eq!((code, code_of_status(&body)), (200, Some(EnrollStatus::Pending)), "{body}");
+        }
+        for i in 0..3 {
+            let mut c = RawTls::open(addr(&s), pin(&st), None).await;
+            let mac = format!("52:54:00:cd:00:{i:02x}");
+            let (code, body) = c.enroll(Some(&worker_token), &[&mac], &rcgen::KeyPair::generate().unwrap(), None).await;
+            assert_eq!((code, code_of_status(&body)), (200, Some(EnrollStatus::Enrolled)), "{body}");
+        }
+    });
+    s.kill9();
+    let store = imgbuild::serve::store::RedbStore::open(&st.store_dir().join("fleet.redb")).unwrap();
+    let count: u64 = serde_json::from_slice(&store.get("pending-count").unwrap().unwrap().value).unwrap();
+    assert_eq!(count, 2, "two machines wait; three others enrolled");
+}
+
+/// The status of an enrollment response body.
+fn code_of_status(body: &str) -> Option<EnrollStatus> {
+    serde_json::from_str::<EnrollResponse>(body).ok().map(|r| r.status)
+}
+
 /// A raw TCP connection to the server's port.
 fn tcp(s: &ServeProcess) -> TcpStream {
     let c = TcpStream::connect(addr(s)).unwrap();
