@@ -403,15 +403,6 @@ impl Definition {
         if problems.is_empty() { Ok(def) } else { Err(invalid(problems.join("; "))) }
     }
 
-    /// The Kubernetes version the image carries.
-    #[expect(
-        clippy::expect_used,
-        reason = "definitions come from `parse`, which refuses a version that does not parse"
-    )]
-    pub fn kube_version(&self) -> KubeVersion {
-        self.kubernetes.parse().expect("checked by parse")
-    }
-
     /// `deb` source lines for the mirror, signed by `keyring`.
     pub fn sources(&self, keyring: &Path) -> Vec<String> {
         std::iter::once(&self.base.suite)
