@@ -503,7 +503,8 @@ async fn spend(tx: &mut Tx<'_>, t: &TokenRecord, mkey: &str) -> Result<Option<Ap
 /// Drops a machine's place in the approval queue, if it holds one: a stored record that waits
 /// with at least one key (counted when its first key was queued). Anything else touches nothing,
 /// least of all the queue's count, a key every queued enrollment shares: reading it in every
-/// enrollment made concurrent enrollments conflict and retry (measured: 10x the server CPU).
+/// enrollment made concurrent enrollments conflict and retry (measured: 6.2 ms of server CPU per
+/// enrollment instead of 1.7 ms).
 pub(super) async fn forget_pending(tx: &mut Tx<'_>, rec: &MachineRecord) -> Result<(), ApiError> {
     if rec.state != MachineState::Pending || rec.pending.is_empty() {
         return Ok(());
