@@ -199,7 +199,6 @@ pub fn split_reference(reference: &str) -> Option<(&str, &str)> {
     };
     let repo_ok = !repo.is_empty()
         && repo.len() <= 255
-        && !tag.contains('/')
         && repo.split('/').enumerate().all(|(i, c)| component_ok(c, i == 0 && repo.contains('/')));
     (tag_ok && repo_ok).then_some((repo, tag))
 }
@@ -296,12 +295,60 @@ impl Definition {
         if def.base.keyring.package.is_some() != def.base.keyring.from.is_some() {
             problems.push("base.keyring: package and from go together".into());
         }
+        let mut def = def;
+        let mut sandboxes = BTreeSet::new();
+        // (index in `[[image]]`, component): an image whose reference does not parse is skipped.
+        let mut images = Vec::new();
+        for (i, img) in def.images.iter().enumerate() {
+            let at = format!("image[{i}] ({})", img.reference);
+            let Some((repository, tag)) = split_reference(&img.reference) else {
+                problems.push(format!(
+                    "{at}: reference must be REPOSITORY:TAG (lowercase repository path, tag of [A-Za-z0-9_.-]), e.g. imgbuild.local/pause:3.4"
+                ));
+                continue;
+            };
+            if !img.digest.strip_prefix("sha256:").is_some_and(|h| is_hex(h, 64)) {
+                problems.push(format!("{at}: digest must be sha256: and 64 lowercase hex digits (the manifest's)"));
+            }
+            if img.sandbox {
+                for r in &img.roles {
+                    if !sandboxes.insert(*r) {
+                        problems.push(format!("{at}: a second sandbox image for {r}"));
+                    }
+                }
+            }
+            let oci = OciRef {
+                reference: img.reference.clone(),
+                repository: repository.to_string(),
+                tag: tag.to_string(),
+                digest: img.digest.clone(),
+                sandbox: img.sandbox,
+            };
+            let component = Component {
+                name: img.reference.clone(),
+                version: tag.to_string(),
+                url: img.url.clone(),
+                file: img.file.clone(),
+                sha256: Some(img.sha256.clone()),
+                sha512: None,
+                install: vec![Install { from: None, to: oci.archive_path(), roles: img.roles.clone() }],
+                oci: Some(oci),
+            };
+            images.push((i, component));
+        }
+        // From here on an image is a component: the checks below are for both.
+        let files = def.components.len();
+        let image_index: Vec<usize> = images.iter().map(|(i, _)| *i).collect();
+        def.components.extend(images.into_iter().map(|(_, c)| c));
         let mut names = BTreeSet::new();
         let mut targets = BTreeSet::new();
         for (i, c) in def.components.iter().enumerate() {
-            let at = format!("component[{i}] ({})", c.name);
+            let at = match c.oci {
+                Some(_) => format!("image[{}] ({})", image_index[i - files], c.name),
+                None => format!("component[{i}] ({})", c.name),
+            };
             if !names.insert(c.name.clone()) {
-                problems.push(format!("{at}: a second component with this name"));
+                problems.push(format!("{at}: a second image or component with this name"));
             }
             match (&c.url, &c.file) {
                 (Some(u), None) if u.starts_with("https://") || u.starts_with("http://") => {}
@@ -341,64 +388,6 @@ impl Definition {
                     }
                 }
             }
-        }
-        let mut def = def;
-        let mut sandboxes = BTreeSet::new();
-        for (i, img) in def.images.iter().enumerate() {
-            let at = format!("image[{i}] ({})", img.reference);
-            let Some((repository, tag)) = split_reference(&img.reference) else {
-                problems.push(format!(
-                    "{at}: reference must be REPOSITORY:TAG (lowercase repository path, tag of [A-Za-z0-9_.-]), e.g. imgbuild.local/pause:3.4"
-                ));
-                continue;
-            };
-            if !img.digest.strip_prefix("sha256:").is_some_and(|h| is_hex(h, 64)) {
-                problems.push(format!("{at}: digest must be sha256: and 64 lowercase hex digits (the manifest's)"));
-            }
-            if !is_hex(&img.sha256, 64) {
-                problems.push(format!("{at}: sha256 (of the archive) must be 64 lowercase hex digits"));
-            }
-            if img.roles.is_empty() {
-                problems.push(format!("{at}: roles: which roles carry it?"));
-            }
-            if img.sandbox {
-                for r in &img.roles {
-                    if !sandboxes.insert(*r) {
-                        problems.push(format!("{at}: a second sandbox image for {r}"));
-                    }
-                }
-            }
-            let oci = OciRef {
-                reference: img.reference.clone(),
-                repository: repository.to_string(),
-                tag: tag.to_string(),
-                digest: img.digest.clone(),
-                sandbox: img.sandbox,
-            };
-            let component = Component {
-                name: img.reference.clone(),
-                version: tag.to_string(),
-                url: img.url.clone(),
-                file: img.file.clone(),
-                sha256: Some(img.sha256.clone()),
-                sha512: None,
-                install: vec![Install { from: None, to: oci.archive_path(), roles: img.roles.clone() }],
-                oci: Some(oci),
-            };
-            match (&component.url, &component.file) {
-                (Some(u), None) if u.starts_with("https://") || u.starts_with("http://") => {}
-                (None, Some(f)) if f.is_absolute() => {}
-                _ => problems.push(format!("{at}: give exactly one of url (http(s)) and file (an absolute path)")),
-            }
-            if !names.insert(component.name.clone()) {
-                problems.push(format!("{at}: a second image or component with this name"));
-            }
-            for r in &img.roles {
-                if !targets.insert((component.install[0].to.clone(), *r)) {
-                    problems.push(format!("{at}: {} is installed twice for {r}", component.install[0].to));
-                }
-            }
-            def.components.push(component);
         }
         if problems.is_empty() { Ok(def) } else { Err(invalid(problems.join("; "))) }
     }
@@ -510,12 +499,30 @@ mod tests {
             (
                 "image with no roles",
                 base.replacen("roles = [\"master\", \"worker\"]\nsandbox = true", "roles = []\nsandbox = true", 1),
-                "image[0] (imgbuild.local/pause:3.4-v1.20.2): roles: which roles carry it?",
+                "image[0] (imgbuild.local/pause:3.4-v1.20.2): install to /usr/lib/imgbuild/images/pause-3.4-v1.20.2.oci.tar has no roles",
             ),
         ];
         for (name, text, want) in cases {
             let e = Definition::parse(&text, Path::new("images/x.toml")).unwrap_err().to_string();
             assert!(e.contains(want) && e.starts_with("images/x.toml"), "{name}: {e}");
+        }
+    }
+
+    #[test]
+    fn references() {
+        for (r, want) in [
+            ("imgbuild.local/pause:3.4-v1.20.2", Some(("imgbuild.local/pause", "3.4-v1.20.2"))),
+            ("registry.k8s.io/pause:3.10", Some(("registry.k8s.io/pause", "3.10"))),
+            ("localhost:5000/a/b:v1", Some(("localhost:5000/a/b", "v1"))),
+            ("busybox:1.35.0", Some(("busybox", "1.35.0"))),
+            ("Busybox:1", None),
+            ("busybox", None),
+            ("busybox:", None),
+            ("busybox:-x", None),
+            ("a//b:1", None),
+            ("pause@sha256:00", None),
+        ] {
+            assert_eq!(split_reference(r), want, "{r}");
         }
     }
 }

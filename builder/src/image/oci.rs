@@ -174,22 +174,4 @@ mod tests {
         std::fs::write(&not_tar, b"hello").unwrap();
         assert!(verify(&not_tar, &oci("3.4", &d)).unwrap_err().to_string().contains("not an OCI image archive"));
     }
-
-    #[test]
-    fn references() {
-        for (r, want) in [
-            ("imgbuild.local/pause:3.4-v1.20.2", Some(("imgbuild.local/pause", "3.4-v1.20.2"))),
-            ("registry.k8s.io/pause:3.10", Some(("registry.k8s.io/pause", "3.10"))),
-            ("localhost:5000/a/b:v1", Some(("localhost:5000/a/b", "v1"))),
-            ("busybox:1.35.0", Some(("busybox", "1.35.0"))),
-            ("Busybox:1", None),
-            ("busybox", None),
-            ("busybox:", None),
-            ("busybox:-x", None),
-            ("a//b:1", None),
-            ("pause@sha256:00", None),
-        ] {
-            assert_eq!(super::super::definition::split_reference(r), want, "{r}");
-        }
-    }
 }
