@@ -177,8 +177,12 @@ pub struct OciRef {
 impl OciRef {
     /// The archive's path on the node.
     pub fn archive_path(&self) -> String {
-        let last = self.repository.rsplit('/').next().unwrap_or(&self.repository);
-        format!("{}/{last}-{}.oci.tar", proto::paths::IMAGE_ARCHIVES, self.tag)
+        format!("{}/{}-{}.oci.tar", proto::paths::IMAGE_ARCHIVES, self.name(), self.tag)
+    }
+
+    /// The repository's last path component (`pause` of `registry.k8s.io/pause`).
+    pub fn name(&self) -> &str {
+        self.repository.rsplit('/').next().unwrap_or(&self.repository)
     }
 }
 

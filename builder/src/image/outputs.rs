@@ -229,10 +229,9 @@ pub fn sbom(def: &Definition, lock: &Lock, role: Role, lock_sha256: &str, epoch:
         });
         if let Some(oci) = oci {
             // An OCI image by its manifest digest (purl-spec's `oci` type).
-            let name = oci.repository.rsplit('/').next().unwrap_or(&oci.repository);
             package["primaryPackagePurpose"] = json!("CONTAINER");
             package["externalRefs"] = json!([{"referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl",
-                "referenceLocator": format!("pkg:oci/{name}@{}?repository_url={}&tag={}", oci.digest.replace(':', "%3A"), oci.repository, oci.tag)}]);
+                "referenceLocator": format!("pkg:oci/{}@{}?repository_url={}&tag={}", oci.name(), oci.digest.replace(':', "%3A"), oci.repository, oci.tag)}]);
         }
         packages.push(package);
         relationships
