@@ -5,7 +5,8 @@
 //! cluster.yaml        the resolved spec (every default filled in)
 //! pki/                kubeadm's layout: ca.*, etcd/ca.*, front-proxy-ca.*, sa.key, sa.pub,
 //!                     plus enrollment-ca.*, serve.* (imgbuild serve's certificate) and
-//!                     imgbuild-admin.* (the operator's identity on imgbuild serve)
+//!                     imgbuild-admin.* (the operator's identity on imgbuild serve) and
+//!                     bgp.password (the pod network's BGP sessions)
 //! tokens.json         join tokens, node credentials and the worker token (0600)
 //! admin.conf          the operator's kubeconfig (0600)
 //! kube/               objects to `kubectl apply -f`: bootstrap-token Secrets, RBAC, cluster-info
@@ -100,12 +101,14 @@ pub enum Rotate {
     JoinToken,
     /// `enrollment-tokens`: revoke every node credential and worker token and make new ones.
     EnrollmentTokens,
+    /// `bgp-password`: a new password for the pod network's BGP sessions (nodes enrolled from
+    /// then on get it; running nodes keep theirs until re-provisioned).
+    BgpPassword,
 }
 
 impl Rotate {
     /// Every name `--rotate` takes, for help and errors.
-    pub const NAMES: &'static str =
-        "ca, etcd-ca, front-proxy-ca, enrollment-ca, sa, serve-cert, admin, serve-admin, join-token, enrollment-tokens";
+    pub const NAMES: &'static str = "ca, etcd-ca, front-proxy-ca, enrollment-ca, sa, serve-cert, admin, serve-admin, join-token, enrollment-tokens, bgp-password";
 }
 
 impl std::str::FromStr for Rotate {
@@ -121,6 +124,7 @@ impl std::str::FromStr for Rotate {
             "serve-admin" => Ok(Rotate::ServeAdmin),
             "join-token" => Ok(Rotate::JoinToken),
             "enrollment-tokens" => Ok(Rotate::EnrollmentTokens),
+            "bgp-password" => Ok(Rotate::BgpPassword),
             _ => Err(format!("cannot rotate '{s}' (valid: {})", Rotate::NAMES)),
         }
     }
@@ -178,6 +182,10 @@ impl State {
     /// The key of the operator's identity on `imgbuild serve`.
     pub fn serve_admin_key(&self) -> PathBuf {
         self.pki_dir().join("imgbuild-admin.key")
+    }
+    /// The TCP MD5 password of the pod network's BGP sessions (`podNetwork: bgp`).
+    pub fn bgp_password(&self) -> PathBuf {
+        self.pki_dir().join("bgp.password")
     }
 
     /// Whether `init` has completed here.
@@ -357,6 +365,18 @@ pub fn init(state: &State, cluster: &Cluster, rotate: &[Rotate]) -> Result<InitR
         }
     }
 
+    // --- the pod network's BGP password -------------------------------------------------------
+    // TCP MD5 (RFC 2385) on every session: a machine on the node network without it cannot peer
+    // with the masters and announce pod ranges. 32 of [a-z0-9]: 165 bits, within MD5's 80 bytes.
+    let bgp = state.bgp_password();
+    let rotate_bgp = rotate.contains(&Rotate::BgpPassword);
+    if bgp.exists() && !rotate_bgp {
+        report.step("kept", "pki/bgp.password");
+    } else {
+        state.write(&bgp, format!("{}\n", proto::token::random_string(32)).as_bytes(), 0o600)?;
+        report.step(if rotate_bgp { "rotated" } else { "created" }, "pki/bgp.password (pod network BGP sessions)");
+    }
+
     // --- leaf certificates the operator's side uses ---------------------------------------------
     let serve_spec = pki::enroll_server_spec(cluster);
     let serve_current = std::fs::read_to_string(state.serve_cert())
@@ -482,7 +502,8 @@ pub fn init(state: &State, cluster: &Cluster, rotate: &[Rotate]) -> Result<InitR
                         description: "worker enrollment (imgbuild init)".into(),
                         role: Some(Role::Worker),
                         node: None,
-                        // Under auto-worker, new machines come: the pod CIDR bounds them.
+                        // Under auto-worker, new machines come (each gets a pod range from the
+                        // controller-manager while the pod CIDR has one left).
                         max_uses: (cluster.enrollment.policy != EnrollPolicy::AutoWorker).then_some(workers),
                     },
                     now,

@@ -16,7 +16,7 @@ use proto::wire::NodeConfig;
 use support::*;
 
 fn render(r: &Renderer, cluster: &Cluster, name: &str, version: &str, containerd2: bool) -> NodeConfig {
-    let (index, node) = cluster.nodes.iter().enumerate().find(|(_, n)| n.name == name).unwrap();
+    let node = cluster.nodes.iter().find(|n| n.name == name).unwrap();
     let ident = NodeIdentity { name: node.name.clone(), role: node.role, ip: Some(node.ip()) };
     let inputs = NodeInputs {
         version: version.parse().unwrap(),
@@ -26,12 +26,12 @@ fn render(r: &Renderer, cluster: &Cluster, name: &str, version: &str, containerd
         // What images/debian-12.toml's images carry; newer versions render the default.
         sandbox_image: version.starts_with("v1.20.").then(|| "imgbuild.local/pause:3.4-v1.20.2".to_string()),
     };
-    r.render(&ident, index, &inputs).unwrap()
+    r.render(&ident, &inputs).unwrap()
 }
 
-/// Everything in a node config but key and certificate material (which differs per state), in
-/// one reviewable text.
-fn describe(c: &NodeConfig) -> String {
+/// Everything in a node config but key and certificate material and the BGP password (which
+/// differ per state), in one reviewable text.
+fn describe(c: &NodeConfig, bgp_password: &str) -> String {
     let mut s = format!("node {} ({}), Kubernetes {}\n", c.node.name, c.node.role, c.kubernetes_version);
     s += &format!("host: {}\n", serde_json::to_string(&c.host).unwrap());
     for u in &c.units {
@@ -54,37 +54,39 @@ fn describe(c: &NodeConfig) -> String {
                 f.path,
                 f.mode,
                 if f.expand { ", expand" } else { "" },
-                f.contents
+                f.contents.replace(bgp_password, "<pki/bgp.password>")
             );
         }
     }
     s
 }
 
-/// The server's renderer for the reference cluster, with a fresh state dir.
-fn reference() -> (tempfile::TempDir, Cluster, Renderer) {
+/// The server's renderer for the reference cluster, with a fresh state dir, and the state's BGP
+/// password.
+fn reference() -> (tempfile::TempDir, Cluster, Renderer, String) {
     let dir = tempfile::tempdir().unwrap();
     let cluster = Cluster::parse(DEFAULT_MANIFEST, "cluster.yaml").unwrap();
     let st = State::new(dir.path().join("state"));
     state::init(&st, &cluster, &[]).unwrap();
     let r = Renderer::new(&st, &cluster).unwrap();
-    (dir, cluster, r)
+    let password = std::fs::read_to_string(st.bgp_password()).unwrap().trim().to_string();
+    (dir, cluster, r, password)
 }
 
 #[test]
 fn golden_node_configs_for_production_and_testbed_versions() {
-    let (_dir, cluster, r) = reference();
+    let (_dir, cluster, r, password) = reference();
     for (version, containerd2) in [("v1.20.2", false), ("v1.34.7", true)] {
         for name in ["k8s-master1", "k8s-worker1"] {
             let c = render(&r, &cluster, name, version, containerd2);
-            golden(&format!("node/{version}/{name}.txt"), &describe(&c));
+            golden(&format!("node/{version}/{name}.txt"), &describe(&c, &password));
         }
     }
 }
 
 #[test]
 fn workers_get_no_keys_and_masters_see_the_whole_control_plane() {
-    let (_dir, cluster, r) = reference();
+    let (_dir, cluster, r, _) = reference();
 
     let w = render(&r, &cluster, "k8s-worker2", "v1.20.2", false);
     for f in &w.files {
@@ -112,4 +114,49 @@ fn workers_get_no_keys_and_masters_see_the_whole_control_plane() {
     // The first service IP and the VIP are what clients dial; CA keys only on masters.
     assert!(m.files.iter().any(|f| f.path == "/etc/kubernetes/pki/ca.key" && f.mode == 0o600));
     assert!(m.join.as_ref().unwrap().control_plane.is_some());
+}
+
+#[test]
+fn pod_network_bgp_peers_with_the_masters_and_external_renders_none() {
+    let (dir, cluster, r, password) = reference();
+    let bird = |c: &NodeConfig| c.files.iter().find(|f| f.path == proto::paths::BIRD_CONFIG).cloned();
+
+    // A worker peers with every master; a master reflects for the node network and peers with
+    // the other masters, not itself.
+    let w = render(&r, &cluster, "k8s-worker2", "v1.20.2", false);
+    let wb = bird(&w).unwrap();
+    assert_eq!((wb.mode, wb.owner.as_deref()), (0o640, Some("root:bird")), "the password file is not world-readable");
+    assert!(wb.contents.contains(&format!("password \"{password}\";")));
+    for ip in ["192.168.3.111", "192.168.3.112", "192.168.3.113"] {
+        assert!(wb.contents.contains(&format!("neighbor {ip} as 64512;")), "worker does not peer with {ip}");
+    }
+    assert!(!wb.contents.contains("rr client") && wb.contents.contains("router id 192.168.3.122;"));
+    assert!(w.units.iter().any(|u| u.name == "bird.service" && u.start));
+    let m = render(&r, &cluster, "k8s-master2", "v1.20.2", false);
+    let mb = bird(&m).unwrap().contents;
+    assert!(mb.contains("neighbor range 192.168.3.0/24 as 64512;") && mb.contains("rr client;"));
+    assert!(mb.contains("neighbor 192.168.3.111 as 64512;") && mb.contains("neighbor 192.168.3.113 as 64512;"));
+    assert!(!mb.contains("neighbor 192.168.3.112 "), "a master peers with itself");
+    assert!(mb.contains("net ~ [ 10.30.0.0/16{24,24} ]"));
+    // The CNI config is a template containerd fills with Node.spec.podCIDR; the controller-manager
+    // assigns the ranges.
+    let file = |c: &NodeConfig, p: &str| c.files.iter().find(|f| f.path == p).map(|f| f.contents.clone());
+    assert!(file(&w, proto::paths::CNI_TEMPLATE).unwrap().contains(r#""subnet": "{{.PodCIDR}}""#));
+    assert!(
+        file(&w, proto::paths::CONTAINERD_CONFIG)
+            .unwrap()
+            .contains("conf_template = \"/etc/containerd/cni.conflist.tmpl\"")
+    );
+    let cm = file(&m, "/etc/systemd/system/kube-controller-manager.service").unwrap();
+    assert!(cm.contains("--allocate-node-cidrs=true") && cm.contains("--cluster-cidr=10.30.0.0/16"));
+
+    // external: the operator's network add-on; nothing of ours but the range allocation.
+    let yaml = DEFAULT_MANIFEST.replace("      mode: bgp\n      asn: 64512\n", "      mode: external\n");
+    let external = Cluster::parse(&yaml, "cluster.yaml").unwrap();
+    let st = State::new(dir.path().join("state"));
+    let r = Renderer::new(&st, &external).unwrap();
+    let w = render(&r, &external, "k8s-worker2", "v1.20.2", false);
+    assert!(bird(&w).is_none() && file(&w, proto::paths::CNI_TEMPLATE).is_none());
+    assert!(!w.units.iter().any(|u| u.name == "bird.service" || u.name == "imgbuild-pod-egress.service"));
+    assert!(!file(&w, proto::paths::CONTAINERD_CONFIG).unwrap().contains("conf_template"));
 }

@@ -66,8 +66,12 @@ pub fn kube_proxy_config(mode: &str) -> String {
 pub const KUBELET_CONFIG: &str = "/var/lib/kubelet/config.yaml";
 /// containerd's configuration.
 pub const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
-/// The CNI network configuration the kubelet's pods get.
-pub const CNI_CONFIG: &str = "/etc/cni/net.d/10-imgbuild.conflist";
+/// The CNI network configuration the kubelet's pods get, as a template: containerd writes it into
+/// its CNI directory with the node's pod range once the controller-manager assigned one
+/// (`Node.spec.podCIDR`, passed on by the kubelet).
+pub const CNI_TEMPLATE: &str = "/etc/containerd/cni.conflist.tmpl";
+/// BIRD's configuration: the node's pod range announced to the masters, the others' learned.
+pub const BIRD_CONFIG: &str = "/etc/bird/bird.conf";
 /// haproxy's configuration (masters: balances the API over every master).
 pub const HAPROXY_CONFIG: &str = "/etc/haproxy/haproxy.cfg";
 /// keepalived's configuration (masters: holds the API VIP).

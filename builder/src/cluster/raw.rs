@@ -61,6 +61,14 @@ pub struct RawNetworks {
     pub dns_domain: Option<String>,
     #[serde(rename = "nodeCIDRMaskSize")]
     pub node_cidr_mask_size: Option<Scalar>,
+    #[serde(default)]
+    pub pod_network: RawPodNetwork,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct RawPodNetwork {
+    pub mode: Option<String>,
+    pub asn: Option<Scalar>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

@@ -17,9 +17,7 @@ fn embedded_default_is_the_reference_cluster() {
     assert_eq!(c.networks.cluster_dns.to_string(), "10.40.0.10");
     assert_eq!(c.networks.dns_domain, "k8s.org");
     assert_eq!(c.networks.first_service_ip().to_string(), "10.40.0.1");
-    let pods: Vec<String> = c.nodes.iter().map(|n| n.pod_cidr.to_string()).collect();
-    assert_eq!(pods[0], "10.30.0.0/24");
-    assert_eq!(pods[5], "10.30.5.0/24");
+    assert_eq!(c.networks.pod_network, PodNetwork::Bgp { asn: 64512 });
 }
 
 #[test]
@@ -177,6 +175,11 @@ fn each_problem_names_path_line_and_what_is_valid() {
         ("wrong kind", &[("kind: Cluster", "kind: Klaster")], "kind", "must be Cluster"),
         ("etcd role in stacked", &[("role: worker", "role: etcd")], "spec.nodes[3].role", "topology: external"),
         ("ipv6", &[("podCIDR: 10.30.0.0/16", "podCIDR: fd00::/48")], "spec.networks.podCIDR", "IPv6"),
+        ("pod network mode", &[("mode: bgp", "mode: vxlan")], "spec.networks.podNetwork.mode", "bgp"),
+        ("asn zero", &[("asn: 64512", "asn: 0")], "spec.networks.podNetwork.asn", "1 to 4294967294"),
+        ("asn as_trans", &[("asn: 64512", "asn: 23456")], "spec.networks.podNetwork.asn", "AS_TRANS"),
+        ("asn too big", &[("asn: 64512", "asn: 4294967295")], "spec.networks.podNetwork.asn", "1 to 4294967294"),
+        ("asn with external", &[("mode: bgp", "mode: external")], "spec.networks.podNetwork.asn", "only mode bgp"),
         (
             "old kubernetes",
             &[("versions: {}", "versions: {kubernetes: v1.19.3}")],
@@ -259,15 +262,5 @@ proptest::proptest! {
             t.insert_str(at, &junk);
             let _ = Cluster::parse(&t, "fuzz.yaml");
         }
-    }
-}
-
-proptest::proptest! {
-    #[test]
-    fn nth_subnet_agrees_with_ipnet(base in 0u32.., prefix in 8u8..24, extra in 0u8..8, index in 0usize..300) {
-        let net = ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(base), prefix).unwrap().trunc();
-        let mask = prefix + extra;
-        let want = net.subnets(mask).unwrap().nth(index);
-        proptest::prop_assert_eq!(nth_subnet(net, mask, index), want);
     }
 }

@@ -86,22 +86,35 @@ pub struct Networks {
     pub dns_domain: String,
     /// Prefix length of each node's share of the pod CIDR.
     pub node_cidr_mask: u8,
+    /// How pods on different nodes reach each other.
+    pub pod_network: PodNetwork,
+}
+
+/// `spec.networks.podNetwork`: who carries pod traffic between nodes. Either way the
+/// controller-manager gives each node its range (`Node.spec.podCIDR`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodNetwork {
+    /// `mode: bgp`: the CNI bridge on each node (containerd writes its config with the node's
+    /// range), BIRD 2 announcing the range over iBGP to the masters, which reflect every node's
+    /// range to every other node; no NAT inside the pod CIDR.
+    Bgp {
+        /// The cluster's autonomous system number.
+        asn: u32,
+    },
+    /// `mode: external`: no CNI configuration and no BIRD; the operator installs a network add-on
+    /// (Calico, Cilium, flannel) once the control plane is up.
+    External,
+}
+
+impl PodNetwork {
+    /// The AS number of the reference cluster (the first private 16-bit one, RFC 6996).
+    pub const DEFAULT_ASN: u32 = 64512;
 }
 
 impl Networks {
     /// The `kubernetes` Service's ClusterIP: the first address of the service CIDR.
     pub fn first_service_ip(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.service_cidr.network()) + 1)
-    }
-
-    /// How many per-node pod ranges the pod CIDR holds.
-    pub fn node_ranges(&self) -> u64 {
-        1u64 << (self.node_cidr_mask - self.pod_cidr.prefix_len())
-    }
-
-    /// The `index`-th per-node pod range, if the pod CIDR has that many.
-    pub fn node_pod_cidr(&self, index: usize) -> Option<Ipv4Net> {
-        nth_subnet(self.pod_cidr, self.node_cidr_mask, index)
     }
 }
 
@@ -363,8 +376,6 @@ pub struct Node {
     pub address: Ipv4Net,
     /// Its default gateway, for a static address.
     pub gateway: Option<Ipv4Addr>,
-    /// This node's share of the pod CIDR.
-    pub pod_cidr: Ipv4Net,
 }
 
 impl Node {
@@ -419,6 +430,12 @@ impl Cluster {
                     cluster_dns: Some(n.cluster_dns.to_string()),
                     dns_domain: Some(n.dns_domain.clone()),
                     node_cidr_mask_size: Some(Scalar::Int(n.node_cidr_mask.into())),
+                    pod_network: match n.pod_network {
+                        PodNetwork::Bgp { asn } => {
+                            RawPodNetwork { mode: Some("bgp".into()), asn: Some(Scalar::Int(asn.into())) }
+                        }
+                        PodNetwork::External => RawPodNetwork { mode: Some("external".into()), asn: None },
+                    },
                 },
                 api_endpoint: RawApiEndpoint {
                     vip: Some(self.api.vip.to_string()),
@@ -451,16 +468,6 @@ impl Cluster {
             },
         }
     }
-}
-
-/// The `index`-th subnet with prefix `mask` of `net`, if it has that many (in constant time).
-pub fn nth_subnet(net: Ipv4Net, mask: u8, index: usize) -> Option<Ipv4Net> {
-    if mask < net.prefix_len() || mask > 32 || (index as u64) >= 1u64 << (mask - net.prefix_len()) {
-        return None;
-    }
-    let size = 1u64 << (32 - mask);
-    let base = u64::from(u32::from(net.network())) + size * index as u64;
-    Ipv4Net::new(Ipv4Addr::from(base as u32), mask).ok()
 }
 
 /// `90s`, `30m`, `24h`, `7d`: a count and a unit.

@@ -83,6 +83,45 @@ fn positive_duration(s: &str) -> Result<Duration, String> {
     if d.is_zero() { Err("must be longer than zero".into()) } else { Ok(d) }
 }
 
+/// `spec.networks.podNetwork`: its mode, and for `bgp` the AS number (default 64512).
+fn pod_network(c: &mut Checker, raw: &raw::RawPodNetwork) -> Option<PodNetwork> {
+    let asn_text = raw.asn.as_ref().map(ToString::to_string);
+    match raw.mode.as_deref().unwrap_or("bgp") {
+        "bgp" => {
+            let asn = match &raw.asn {
+                None => PodNetwork::DEFAULT_ASN,
+                Some(s) => c.parse("spec.networks.podNetwork.asn", asn_text.as_deref(), |_| asn(s))?,
+            };
+            Some(PodNetwork::Bgp { asn })
+        }
+        "external" => {
+            if raw.asn.is_some() {
+                c.bad("spec.networks.podNetwork.asn", asn_text.as_deref(), "only mode bgp takes an AS number");
+            }
+            Some(PodNetwork::External)
+        }
+        other => {
+            c.bad(
+                "spec.networks.podNetwork.mode",
+                Some(other),
+                "must be bgp (imgbuild's BIRD route reflection) or external (your own network add-on)",
+            );
+            None
+        }
+    }
+}
+
+/// A BGP AS number: 1 to 4294967294, not one RFC 7300 and RFC 6793 reserve.
+fn asn(s: &Scalar) -> Result<u32, String> {
+    let v = int(s, 1, 4_294_967_294)
+        .map_err(|_| "expected an AS number from 1 to 4294967294 (private: 64512-65534)".to_string())?;
+    match v {
+        23456 => Err("23456 is AS_TRANS (RFC 6793), not an AS of its own".into()),
+        65535 => Err("65535 is reserved (RFC 7300)".into()),
+        v => Ok(v as u32),
+    }
+}
+
 /// Validates a raw manifest; on failure returns every problem found.
 pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
     let mut c = Checker::default();
@@ -189,6 +228,7 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
         None => Some(24u8),
         Some(s) => c.parse("spec.networks.nodeCIDRMaskSize", mask_text.as_deref(), |_| int(s, 8, 30).map(|v| v as u8)),
     };
+    let pod_network = pod_network(&mut c, &nw.pod_network);
     let node_mask = match (node_mask, pod) {
         (Some(m), Some(p)) if m <= p.prefix_len() => {
             c.bad(
@@ -375,20 +415,7 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
             );
         }
         if let (Some(name), Some(role), Some(address)) = (name, role, address) {
-            let pod_cidr = match (pod, node_mask) {
-                (Some(p), Some(m)) => nth_subnet(p, m, i),
-                _ => None,
-            };
-            nodes.push(Node {
-                name: name.to_string(),
-                role,
-                mac,
-                uuid,
-                address,
-                gateway,
-                // Placeholder until the capacity check below reports the shortfall.
-                pod_cidr: pod_cidr.unwrap_or_else(|| Ipv4Net::from(Ipv4Addr::UNSPECIFIED)),
-            });
+            nodes.push(Node { name: name.to_string(), role, mac, uuid, address, gateway });
         }
     }
     if !spec.nodes.iter().any(|n| n.role.as_deref() == Some("master")) && !spec.nodes.is_empty() {
@@ -425,7 +452,8 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
     let (Some(policy), Some(enrollment_token_ttl), Some(join_token_ttl)) = (policy, enroll_ttl, join_ttl) else {
         return Err(missing());
     };
-    let (Some(key_algorithm), Some(ca_validity), Some(cert_validity)) = (key_algorithm, ca_validity, cert_validity)
+    let (Some(key_algorithm), Some(ca_validity), Some(cert_validity), Some(pod_network)) =
+        (key_algorithm, ca_validity, cert_validity, pod_network)
     else {
         return Err(missing());
     };
@@ -438,6 +466,7 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
             cluster_dns: dns,
             dns_domain: domain,
             node_cidr_mask: node_mask,
+            pod_network,
         },
         api: ApiEndpoint { vip, port },
         etcd,

@@ -31,7 +31,7 @@ mod embedded {
 /// Units enabled in every image, and units that must not start before firstboot configured them.
 const ENABLE: &[&str] =
     &["firstboot.service", "systemd-networkd.service", "systemd-resolved.service", "ssh-hostkeys.service"];
-const DISABLE: &[&str] = &["etcd.service", "haproxy.service", "keepalived.service", "docker.service"];
+const DISABLE: &[&str] = &["etcd.service", "haproxy.service", "keepalived.service", "docker.service", "bird.service"];
 
 /// The digest of everything that goes into a role's base tree.
 fn base_key(def: &Definition, lock: &Lock, role: Role, epoch: i64) -> String {

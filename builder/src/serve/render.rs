@@ -1,8 +1,8 @@
 //! Renders each node's role config ([`NodeConfig`]): the files it writes (with modes), the keys
 //! it generates and the certificates it requests for them, the units it starts, and how it
 //! joins. Everything that depends on the whole inventory (etcd's initial cluster, haproxy's
-//! backends, keepalived's peers, routes to the other nodes' pod ranges) is known here, which is
-//! why the server renders and the node only applies. Units and configuration files are templates
+//! backends, keepalived's peers, the masters BIRD peers with) is known here, which is why the
+//! server renders and the node only applies. Units and configuration files are templates
 //! in `manifests/templates/node/`.
 //!
 //! What differs between Kubernetes versions is decided in [`Versioned`], and nowhere else:
@@ -28,7 +28,7 @@ use time::OffsetDateTime;
 
 use super::fleet::ApiError;
 use super::fleet::records::NodeRecord;
-use crate::cluster::{Cluster, KubeVersion};
+use crate::cluster::{Cluster, KubeVersion, PodNetwork};
 use crate::kube;
 use crate::pki::{CaKind, NodeIdentity, leaf_spec};
 use crate::state::State;
@@ -90,6 +90,8 @@ pub struct Renderer {
     /// The cluster CA's pin, as nodes check `cluster-info` against it.
     ca_pin: proto::pin::CaPin,
     master_secrets: Vec<MasterSecret>,
+    /// The TCP MD5 password of the pod network's BGP sessions.
+    bgp_password: String,
 }
 
 fn read(path: &Path) -> Result<String> {
@@ -142,7 +144,11 @@ impl Renderer {
             master_secrets.push(MasterSecret { node_path, contents: read(&pki.join(rel))? });
         }
         let ca_pin = proto::pin::CaPin::of_cert_pem(&ca_pems[0].1).context("the cluster CA certificate")?;
-        Ok(Renderer { cluster: cluster.clone(), ca_pems, ca_pin, master_secrets })
+        let bgp_password = read(&state.bgp_password())
+            .context("the pod network's BGP password (`imgbuild init` creates it when missing)")?
+            .trim()
+            .to_string();
+        Ok(Renderer { cluster: cluster.clone(), ca_pems, ca_pin, master_secrets, bgp_password })
     }
 
     #[expect(
@@ -200,25 +206,27 @@ impl Renderer {
             })?;
         let sandbox_image = node.image.as_ref().and_then(|i| i.sandbox_image.clone());
         let inputs = NodeInputs { version, containerd2, join_token, ca_pin: self.ca_pin, sandbox_image };
-        self.render(&node.identity(), node.pod_index, &inputs)
+        self.render(&node.identity(), &inputs)
     }
 
     /// Renders a node's config from what the server knows: the node's name, role and address,
-    /// its pod range, and the inputs (pure: golden tests call this). Each role's part adds its
-    /// files, units, sysctls and modules to one [`Parts`].
-    pub fn render(&self, node: &NodeIdentity, pod_index: usize, inputs: &NodeInputs) -> Result<NodeConfig, ApiError> {
+    /// and the inputs (pure: golden tests call this). Each role's part adds its files, units,
+    /// sysctls and modules to one [`Parts`].
+    pub fn render(&self, node: &NodeIdentity, inputs: &NodeInputs) -> Result<NodeConfig, ApiError> {
         let c = &self.cluster;
         let v = Versioned::of(inputs.version);
         let node_ip = node.ip.map(|ip| ip.to_string());
-        let pod_cidr = c.networks.node_pod_cidr(pod_index).map(|n| n.to_string()).unwrap_or_default();
         let master = node.role == Role::Master;
+        let (serving_cert, serving_key) = paths::cert_paths(CertPurpose::KubeletServing);
         let taint = master.then(|| format!("{}:NoSchedule", v.control_plane_taint));
         // Built once; the per-template additions are layered over it, not copies of it.
         let ctx = minijinja::context! {
             node => node.name, role => node.role, node_ip => node_ip, cluster => c.name, v => v,
             cluster_dns => c.networks.cluster_dns.to_string(), dns_domain => c.networks.dns_domain,
             pod_cidr => c.networks.pod_cidr.to_string(), service_cidr => c.networks.service_cidr.to_string(),
-            node_pod_cidr => pod_cidr, taint => taint, vip => c.api.vip.to_string(), port => c.api.port,
+            node_mask => c.networks.node_cidr_mask, taint => taint,
+            serving_cert => serving_cert, serving_key => serving_key,
+            cni_template => matches!(c.networks.pod_network, PodNetwork::Bgp { .. }).then_some(paths::CNI_TEMPLATE), vip => c.api.vip.to_string(), port => c.api.port,
             containerd2 => inputs.containerd2, systemd_cgroup => v.cgroup_driver == "systemd",
             pause_image => inputs.sandbox_image.as_deref().unwrap_or(DEFAULT_SANDBOX_IMAGE),
         };
@@ -280,24 +288,13 @@ impl Renderer {
         })
     }
 
-    /// Every node with a kubelet: the container runtime, CNI, kubelet and kube-proxy, and routes
-    /// to the other nodes' pod ranges.
+    /// Every node with a kubelet: the container runtime, the pod network, kubelet and kube-proxy.
     fn kubelet_part(&self, node: &NodeIdentity, ctx: &minijinja::Value, p: &mut Parts) -> Result<(), ApiError> {
         let c = &self.cluster;
-        // Routes to the pod ranges of the other nodes the inventory knows the address of.
-        let routes: Vec<Value> = c
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| n.name != node.name && n.role != Role::Etcd)
-            .filter_map(|(i, n)| {
-                c.networks.node_pod_cidr(i).map(|cidr| json!({"cidr": cidr.to_string(), "via": n.ip().to_string()}))
-            })
-            .collect();
-        let rctx = minijinja::context! { routes => routes, ..ctx.clone() };
-        p.files.push(unit_file("imgbuild-pod-routes.service", &rctx)?);
+        if let PodNetwork::Bgp { asn } = c.networks.pod_network {
+            self.pod_network_part(node, asn, ctx, p)?;
+        }
         p.files.push(rendered(paths::CONTAINERD_CONFIG, "node/containerd-config.toml", ctx)?);
-        p.files.push(rendered(paths::CNI_CONFIG, "node/cni.conflist", ctx)?);
         p.files.push(rendered(paths::KUBELET_CONFIG, "node/kubelet-config.yaml", ctx)?);
         p.files.push(unit_file("kubelet.service", ctx)?);
         for mode in ["ipvs", "iptables"] {
@@ -312,11 +309,48 @@ impl Renderer {
         ));
         p.units.extend([
             unit("containerd.service", true, true),
-            unit("imgbuild-pod-routes.service", true, false),
             unit("kube-proxy.service", true, false),
             // Started by the join phase, once the bootstrap kubeconfig is in place.
             UnitSpec { name: "kubelet.service".into(), enable: true, start: false, restart: false },
         ]);
+        Ok(())
+    }
+
+    /// `podNetwork: bgp`: the CNI bridge's config template, BIRD peering with the masters, and
+    /// masquerade for what leaves the pod CIDR.
+    fn pod_network_part(
+        &self,
+        node: &NodeIdentity,
+        asn: u32,
+        ctx: &minijinja::Value,
+        p: &mut Parts,
+    ) -> Result<(), ApiError> {
+        let c = &self.cluster;
+        let masters: Vec<Value> = c
+            .masters()
+            .map(|m| json!({"name": m.name, "ip": m.ip().to_string(), "protocol": bird_name(&m.name)}))
+            .collect();
+        let peers: Vec<Value> = masters.iter().filter(|m| m["name"] != node.name.as_str()).cloned().collect();
+        let mut node_networks: Vec<String> = c.masters().map(|m| m.address.trunc().to_string()).collect();
+        node_networks.dedup();
+        let bctx = minijinja::context! {
+            asn => asn,
+            master => node.role == Role::Master,
+            masters => masters,
+            peers => peers,
+            node_networks => node_networks,
+            // The VIP, as a 32-bit id the masters share.
+            cluster_id => c.api.vip.to_string(),
+            password => self.bgp_password,
+            ..ctx.clone()
+        };
+        let mut bird = file(paths::BIRD_CONFIG, 0o640, render("node/bird.conf", &bctx)?);
+        // BIRD reads its configuration again as its own user on `birdc configure`.
+        bird.owner = Some("root:bird".into());
+        p.files.push(bird);
+        p.files.push(rendered(paths::CNI_TEMPLATE, "node/cni.conflist", ctx)?);
+        p.files.push(unit_file("imgbuild-pod-egress.service", ctx)?);
+        p.units.extend([unit("imgbuild-pod-egress.service", true, false), unit("bird.service", true, true)]);
         Ok(())
     }
 
@@ -443,6 +477,11 @@ impl Renderer {
             }),
         }
     }
+}
+
+/// A BIRD protocol name for a node (letters, digits and `_`; node names have `-` and `.`).
+fn bird_name(node: &str) -> String {
+    node.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
 }
 
 /// What a node's config is assembled from, part by part.

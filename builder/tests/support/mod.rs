@@ -99,12 +99,14 @@ pub fn node_root(dir: &Path, mac: &str) -> PathBuf {
     std::fs::write(nic.join("type"), "1\n").unwrap();
     std::fs::write(nic.join("addr_assign_type"), "0\n").unwrap();
     std::fs::create_dir_all(root.join("etc")).unwrap();
+    // The users and groups the images' packages make, which node configs name as owners.
     std::fs::write(
         root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\netcd:x:107:113::/var/lib/etcd:/usr/sbin/nologin\n",
+        "root:x:0:0:root:/root:/bin/sh\netcd:x:107:113::/var/lib/etcd:/usr/sbin/nologin\n\
+         bird:x:108:114:BIRD Internet Routing Daemon:/run/bird:/usr/sbin/nologin\n",
     )
     .unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\netcd:x:113:\n").unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\netcd:x:113:\nbird:x:114:\n").unwrap();
     root
 }
 

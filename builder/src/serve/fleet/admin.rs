@@ -135,9 +135,6 @@ impl Fleet {
                 tx.get(&records::node_key(name)).await?.ok_or_else(|| bad(format!("no node {name} is bound")))?;
             tx.delete(&records::node_key(name));
             tx.delete(&records::machine_key(&node.machine));
-            if self.cluster.node(name).is_none() {
-                tx.delete(&records::pod_slot_key(node.pod_index));
-            }
             tx.audit(
                 "reset",
                 &[("node", name), ("machine", &node.machine), ("key", &format!("sha256:{}", node.client.spki))],

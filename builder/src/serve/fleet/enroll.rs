@@ -67,9 +67,8 @@ enum Decision {
 struct Target {
     name: String,
     role: Role,
+    /// The inventory's address; `None`: the address the machine enrolled from.
     ip: Option<std::net::Ipv4Addr>,
-    /// The inventory's pod range; `None`: claim one outside the inventory's.
-    pod_index: Option<usize>,
     proof: Proof,
     /// A name to generate from the identity (auto-worker).
     generated: bool,
@@ -112,8 +111,14 @@ impl Fleet {
             Csr::verify(&req.csr, Some(binding)).map_err(|e| ApiError::new(ErrorCode::CsrRefused, e.to_string()))?;
         let key = records::key_fingerprint(csr.spki());
         let spki_hex = crate::digest::sha256_hex(csr.spki());
+        // A node outside the inventory is known by the address it enrolled from: its kubelet
+        // serving certificate and its pod routes are issued for that address.
+        let source_ip = match source.to_canonical() {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        };
         let source = source.to_string();
-        let inventory = self.cluster.nodes.iter().enumerate().find(|(_, n)| {
+        let inventory = self.cluster.nodes.iter().find(|n| {
             n.uuid.as_ref().is_some_and(|u| identity.uuid.as_deref() == Some(u.as_str()))
                 || n.mac.as_ref().is_some_and(|mac| identity.macs.iter().any(|x| x == mac.as_str()))
         });
@@ -162,7 +167,7 @@ impl Fleet {
             let target = match self.target(identity, inventory, credential.as_ref(), machine.as_ref(), key) {
                 Ok(Some(t)) => t,
                 Ok(None) => {
-                    return self.pending(tx, identity, inventory.map(|(_, n)| n.role), machine, key, source).await;
+                    return self.pending(tx, identity, inventory.map(|n| n.role), machine, key, source).await;
                 }
                 Err(r) => return Ok(Decision::Refused(r)),
             };
@@ -191,16 +196,6 @@ impl Fleet {
                     target.name, other.machine
                 ))));
             }
-            let pod_index = match target.pod_index {
-                Some(i) => i,
-                None => self.claim_pod_slot(tx, &mkey).await?,
-            };
-            if self.cluster.networks.node_pod_cidr(pod_index).is_none() {
-                return Err(ApiError::new(
-                    ErrorCode::Internal,
-                    format!("the pod CIDR has no range left for node {}", target.name),
-                ));
-            }
             if let Some(t) = &credential {
                 if let Some(exhausted) = spend(tx, t, &mkey).await? {
                     return Ok(Decision::Refused(Refusal { error: exhausted, detail: String::new() }));
@@ -216,8 +211,7 @@ impl Fleet {
                 name: target.name.clone(),
                 role: target.role,
                 machine: mkey.clone(),
-                ip: target.ip,
-                pod_index,
+                ip: target.ip.or(source_ip),
                 image: image.clone(),
                 enrolled_at: at,
                 proof: target.proof,
@@ -291,17 +285,16 @@ impl Fleet {
     fn target(
         &self,
         identity: &MachineIdentity,
-        inventory: Option<(usize, &crate::cluster::Node)>,
+        inventory: Option<&crate::cluster::Node>,
         credential: Option<&TokenRecord>,
         machine: Option<&MachineRecord>,
         key: &str,
     ) -> Result<Option<Target>, Refusal> {
         let refuse = |detail: String| Err(refused(detail));
-        let from_inventory = |(i, n): (usize, &crate::cluster::Node), proof| Target {
+        let from_inventory = |n: &crate::cluster::Node, proof| Target {
             name: n.name.clone(),
             role: n.role,
             ip: Some(n.ip()),
-            pod_index: Some(i),
             proof,
             generated: false,
         };
@@ -326,7 +319,6 @@ impl Fleet {
                     name: m.node.clone().unwrap_or_default(),
                     role: m.role,
                     ip: None,
-                    pod_index: None,
                     proof: Proof::Approved,
                     generated: false,
                 },
@@ -335,10 +327,10 @@ impl Fleet {
         match (credential, inventory) {
             // A node credential: exactly its own inventory entry.
             (Some(c), inv) if c.node.is_some() => match inv {
-                Some(entry) if Some(&entry.1.name) == c.node.as_ref() => {
+                Some(entry) if Some(&entry.name) == c.node.as_ref() => {
                     Ok(Some(from_inventory(entry, Proof::Credential)))
                 }
-                Some((_, n)) => refuse(format!(
+                Some(n) => refuse(format!(
                     "the credential of node {} was presented by {} (inventory node {})",
                     c.node.as_deref().unwrap_or(""),
                     identity.key(),
@@ -354,10 +346,8 @@ impl Fleet {
             (Some(c), _) if c.role != Some(Role::Worker) => {
                 refuse(format!("token {} is a role token for {:?}: role tokens enroll workers only", c.id(), c.role))
             }
-            (Some(_), Some(entry)) if entry.1.role == Role::Worker => {
-                Ok(Some(from_inventory(entry, Proof::WorkerToken)))
-            }
-            (Some(c), Some((_, n))) => refuse(format!(
+            (Some(_), Some(entry)) if entry.role == Role::Worker => Ok(Some(from_inventory(entry, Proof::WorkerToken))),
+            (Some(c), Some(n)) => refuse(format!(
                 "the worker token {} was presented by {}, inventory {} {}",
                 c.id(),
                 identity.key(),
@@ -369,7 +359,6 @@ impl Fleet {
                     name: String::new(),
                     role: Role::Worker,
                     ip: None,
-                    pod_index: None,
                     proof: Proof::WorkerToken,
                     generated: true,
                 })),
@@ -440,27 +429,6 @@ impl Fleet {
             retry_after_secs: Some(30),
             message: format!("machine {mkey} waits for the operator: `imgbuild nodes approve {mkey} --key {key}`"),
         }))
-    }
-
-    /// A per-node pod range for a machine outside the inventory, claimed in `tx`. Ranges after
-    /// the inventory's are probed from a position derived from the machine's identity, so that
-    /// concurrent enrollments rarely touch the same key (a global counter would make every
-    /// enrollment conflict with every other).
-    async fn claim_pod_slot(&self, tx: &mut Tx<'_>, mkey: &str) -> Result<usize, ApiError> {
-        let first = self.cluster.nodes.len();
-        let free = (self.cluster.networks.node_ranges() as usize).saturating_sub(first);
-        let h = crate::digest::sha256_hex(mkey.as_bytes());
-        let start = usize::from_str_radix(&h[..12], 16).unwrap_or(0) % free.max(1);
-        for k in 0..free {
-            let slot = first + (start + k) % free;
-            let key = records::pod_slot_key(slot);
-            let owner: Option<String> = tx.get(&key).await?;
-            if owner.is_none() || owner.as_deref() == Some(mkey) {
-                tx.put(&key, &mkey);
-                return Ok(slot);
-            }
-        }
-        Err(ApiError::new(ErrorCode::Internal, "the pod CIDR has no per-node range left"))
     }
 }
 

@@ -41,11 +41,6 @@ pub fn node_key(name: &str) -> String {
     format!("nodes/{name}")
 }
 
-/// The key that holds per-node pod range number `slot` for a machine outside the inventory.
-pub fn pod_slot_key(slot: usize) -> String {
-    format!("pod-slots/{slot}")
-}
-
 /// The key of a limited credential's use count.
 pub fn token_uses_key(token_id: &str) -> String {
     format!("token-uses/{token_id}")
@@ -159,10 +154,8 @@ pub struct NodeRecord {
     pub role: Role,
     /// The identity key of the machine bound to it.
     pub machine: String,
-    /// The node's address, from the inventory (none for generated workers).
+    /// The node's address: the inventory's, or else the one the machine enrolled from.
     pub ip: Option<Ipv4Addr>,
-    /// Index of the node's pod range in the pod CIDR.
-    pub pod_index: usize,
     /// The image the machine said it booted.
     pub image: Option<ImageInfo>,
     /// When the machine was bound.
