@@ -119,6 +119,21 @@ pub fn to_yaml(objects: &[Value]) -> String {
         .join("---\n")
 }
 
+/// CoreDNS as kubeadm deploys it (ServiceAccount, RBAC, Corefile, Deployment, the `kube-dns`
+/// Service at `cluster_dns`), running `image`, tolerating the masters' `taint`.
+pub fn coredns(image: &str, cluster_dns: &str, dns_domain: &str, taint: &str) -> Vec<Value> {
+    let ctx = json!({"image": image, "cluster_dns": cluster_dns, "dns_domain": dns_domain, "taint": taint});
+    #[expect(clippy::expect_used, reason = "the template is embedded, and its context has every variable it uses")]
+    let text = templates::render("addons/coredns.yaml", ctx).expect("coredns template renders");
+    text.split("\n---\n")
+        .map(|doc| {
+            #[expect(clippy::expect_used, reason = "the embedded template is YAML for any strings in its context")]
+            let v: Value = serde_saphyr::from_str(doc).expect("coredns template is YAML");
+            v
+        })
+        .collect()
+}
+
 /// Where a kubeconfig finds the CA.
 pub enum CaRef<'a> {
     /// Embedded as `certificate-authority-data` (this PEM).

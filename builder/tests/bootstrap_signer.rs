@@ -32,10 +32,18 @@ fn bootstrap_signer_signature_equals_ours_and_pins_agree() {
     let now = time::OffsetDateTime::now_utc();
     let join = tokens.join_token(now).unwrap().clone();
 
-    // What an operator applies: the Secret, the RBAC bindings and cluster-info for this API.
+    // What an operator applies: the Secret, the RBAC bindings and cluster-info for this API; and
+    // the CoreDNS add-on a master whose image carries CoreDNS applies (the apiserver validates
+    // every object; no node runs here, so its pods stay Pending).
     let mut objects = vec![kube::bootstrap_token_secret(&join)];
     objects.extend(kube::node_bootstrap_rbac(imgbuild::tokens::DEFAULT_NODE_GROUP));
     objects.extend(kube::cluster_info(&ca_pem, &plane.api_url));
+    objects.extend(kube::coredns(
+        "registry.k8s.io/coredns/coredns:v1.12.1",
+        "10.40.0.10",
+        "k8s.org",
+        "node-role.kubernetes.io/master",
+    ));
     let file = dir.path().join("objects.yaml");
     std::fs::write(&file, kube::to_yaml(&objects)).unwrap();
     let out = plane.kubectl(&["apply", "-f", file.to_str().unwrap()]);
@@ -56,6 +64,20 @@ fn bootstrap_signer_signature_equals_ours_and_pins_agree() {
     );
     assert_eq!(detached_jws(served_kubeconfig, &join.token), theirs, "our JWS differs from the bootstrap signer's");
     verify_detached_jws(theirs, served_kubeconfig, &join.token).unwrap();
+
+    // Cluster DNS at the manifest's address, the Deployment on the pinned image.
+    let out = plane.kubectl(&["-n", "kube-system", "get", "service", "kube-dns", "-o", "jsonpath={.spec.clusterIP}"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "10.40.0.10", "{}", String::from_utf8_lossy(&out.stderr));
+    let out = plane.kubectl(&[
+        "-n",
+        "kube-system",
+        "get",
+        "deployment",
+        "coredns",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].image}",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "registry.k8s.io/coredns/coredns:v1.12.1");
 
     // The pin kubeadm users compute with openssl, from the CA the apiserver serves with.
     let served_ca = st.pki_dir().join("ca.crt");

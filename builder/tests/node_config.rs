@@ -160,3 +160,37 @@ fn pod_network_bgp_peers_with_the_masters_and_external_renders_none() {
     assert!(!w.units.iter().any(|u| u.name == "bird.service" || u.name == "imgbuild-pod-egress.service"));
     assert!(!file(&w, proto::paths::CONTAINERD_CONFIG).unwrap().contains("conf_template"));
 }
+
+#[test]
+fn coredns_only_where_the_image_carries_it() {
+    let (_dir, _cluster, r, _) = reference();
+    let info = |components: &[&str]| proto::wire::ImageInfo {
+        name: "x".into(),
+        role: proto::Role::Master,
+        kubernetes_version: "v1.34.7".into(),
+        components: components.iter().map(|c| (c.to_string(), "v".to_string())).collect(),
+        sandbox_image: None,
+    };
+    let kinds = |objects: &[serde_json::Value]| -> Vec<String> {
+        objects
+            .iter()
+            .map(|o| format!("{}/{}", o["kind"].as_str().unwrap(), o["metadata"]["name"].as_str().unwrap()))
+            .collect()
+    };
+    // Debian's images: no CoreDNS build, so no add-on (and no pod that could never start).
+    let debian = r.cluster_objects(&[], Some(&info(&["kubelet", "imgbuild.local/pause:3.4-v1.20.2"])));
+    assert!(!kinds(&debian).iter().any(|k| k.contains("coredns") || k.contains("kube-dns")), "{:?}", kinds(&debian));
+    let prod = r.cluster_objects(&[], Some(&info(&["kubelet", "registry.k8s.io/coredns/coredns:v1.12.1"])));
+    let k = kinds(&prod);
+    for want in ["Deployment/coredns", "Service/kube-dns", "ConfigMap/coredns", "ClusterRole/system:coredns"] {
+        assert!(k.iter().any(|x| x == want), "{want} missing from {k:?}");
+    }
+    let dep = prod.iter().find(|o| o["kind"] == "Deployment").unwrap();
+    let pod = &dep["spec"]["template"]["spec"];
+    assert_eq!(pod["containers"][0]["image"], "registry.k8s.io/coredns/coredns:v1.12.1");
+    assert!(pod["tolerations"].as_array().unwrap().iter().any(|t| t["key"] == "node-role.kubernetes.io/control-plane"));
+    let svc = prod.iter().find(|o| o["kind"] == "Service").unwrap();
+    assert_eq!(svc["spec"]["clusterIP"], "10.40.0.10");
+    let cm = prod.iter().find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "coredns").unwrap();
+    assert!(cm["data"]["Corefile"].as_str().unwrap().contains("kubernetes k8s.org in-addr.arpa ip6.arpa"));
+}

@@ -106,6 +106,20 @@ pub fn default_dir() -> PathBuf {
         .join("imgbuild")
 }
 
+/// HTTP clients for sources: HTTPS trusted through the system's CA bundle, bounded waits.
+pub fn http_builder() -> reqwest::ClientBuilder {
+    proto::tls::install_default_provider();
+    let bundle = std::fs::read_to_string("/etc/ssl/certs/ca-certificates.crt").unwrap_or_default();
+    let mut b =
+        reqwest::Client::builder().connect_timeout(Duration::from_secs(20)).read_timeout(Duration::from_secs(60));
+    if !bundle.is_empty() {
+        if let Ok(tls) = proto::tls::client_config(&bundle, None) {
+            b = b.tls_backend_preconfigured(tls);
+        }
+    }
+    b
+}
+
 fn nix_is_root() -> bool {
     std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
 }
@@ -117,17 +131,7 @@ impl Cache {
         for d in ["blobs/sha256", "partial"] {
             std::fs::create_dir_all(root.join(d)).map_err(|e| io(&root.join(d), e))?;
         }
-        proto::tls::install_default_provider();
-        // HTTPS sources are trusted through the system's CA bundle.
-        let bundle = std::fs::read_to_string("/etc/ssl/certs/ca-certificates.crt").unwrap_or_default();
-        let mut b =
-            reqwest::Client::builder().connect_timeout(Duration::from_secs(20)).read_timeout(Duration::from_secs(60));
-        if !bundle.is_empty() {
-            if let Ok(tls) = proto::tls::client_config(&bundle, None) {
-                b = b.tls_backend_preconfigured(tls);
-            }
-        }
-        let http = b.build().map_err(|e| CacheError::Download {
+        let http = http_builder().build().map_err(|e| CacheError::Download {
             what: "cache".into(),
             url: String::new(),
             reason: e.to_string(),
@@ -164,6 +168,21 @@ impl Cache {
         }
         std::fs::rename(tmp, self.blob(&s256)).map_err(io)?;
         Ok(s256)
+    }
+
+    /// Moves `tmp`, whose bytes were checked some other way (an OCI pull checks each part by its
+    /// digest), into the cache; returns its sha256.
+    pub fn adopt(&self, what: &str, tmp: &Path) -> Result<String, CacheError> {
+        let io = |source| CacheError::Io { what: what.into(), path: tmp.to_path_buf(), source };
+        let sha256 = crate::digest::sha256_file(tmp).map_err(io)?;
+        std::fs::rename(tmp, self.blob(&sha256)).map_err(io)?;
+        Ok(sha256)
+    }
+
+    /// A scratch path for `what` under the cache's `partial/` (same file system as the blobs).
+    pub fn scratch(&self, what: &str) -> PathBuf {
+        let safe: String = what.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        self.root.join("partial").join(format!("{safe}-{}", std::process::id()))
     }
 
     /// The cached blob for `expect`, if present (by sha256 only; sha512 pins need the lock).

@@ -136,22 +136,27 @@ pub struct Component {
 }
 
 /// An OCI image a definition's roles carry (`[[image]]`): an OCI image layout in a tar archive
-/// (what `ctr images import` reads), pinned by the archive's bytes and by its manifest digest.
+/// (what `ctr images import` reads), pinned by its manifest digest and, for a `url` or `file`,
+/// by the archive's bytes. With neither, the image is pulled from its registry by the digest
+/// (see [`super::registry`]) and the lock pins the archive made from it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct OciImage {
     /// `REPOSITORY:TAG`, the name containerd and pod specs use (e.g. `imgbuild.local/pause:3.4`).
     pub reference: String,
-    /// `sha256:…` of the image manifest the archive's index names for TAG.
+    /// `sha256:…` of the image manifest the archive's index names for TAG, or, for an image
+    /// pulled from its registry, the digest its upstream publishes (an index or a manifest).
     pub digest: String,
-    /// Where the archive is downloaded from (one of `url` and `file`).
+    /// Where the archive is downloaded from (at most one of `url` and `file`; neither: the
+    /// reference's registry).
     #[serde(default)]
     pub url: Option<String>,
     /// The archive on this machine, an absolute path (e.g. made by images/local/build-oci-images).
     #[serde(default)]
     pub file: Option<PathBuf>,
-    /// sha256 of the archive file.
-    pub sha256: String,
+    /// sha256 of the archive file (with `url` or `file`).
+    #[serde(default)]
+    pub sha256: Option<String>,
     /// The roles whose images carry it.
     pub roles: Vec<Role>,
     /// containerd's sandbox (pause) image on the roles that carry it; at most one per role.
@@ -221,6 +226,11 @@ pub struct Install {
 }
 
 impl Component {
+    /// An `[[image]]` with neither `url` nor `file`: pulled from its registry by digest.
+    pub fn from_registry(&self) -> bool {
+        self.oci.is_some() && self.url.is_none() && self.file.is_none()
+    }
+
     /// Whether the source is a tar archive (by its name).
     pub fn is_archive(&self) -> bool {
         if self.oci.is_some() {
@@ -230,9 +240,14 @@ impl Component {
         name.ends_with(".tar.gz") || name.ends_with(".tgz") || name.ends_with(".tar")
     }
 
-    /// Its URL, or its file's path.
+    /// Its URL, its file's path, or `REPOSITORY@DIGEST` for an image from its registry.
     pub fn source(&self) -> String {
-        self.url.clone().unwrap_or_else(|| self.file.as_ref().map(|f| f.display().to_string()).unwrap_or_default())
+        match (&self.url, &self.file, &self.oci) {
+            (Some(u), _, _) => u.clone(),
+            (None, Some(f), _) => f.display().to_string(),
+            (None, None, Some(o)) => format!("{}@{}", o.repository, o.digest),
+            (None, None, None) => String::new(),
+        }
     }
 
     /// Whether `role`'s image installs it.
@@ -263,7 +278,7 @@ pub enum DefinitionError {
     },
 }
 
-fn is_hex(s: &str, len: usize) -> bool {
+pub(crate) fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
@@ -333,7 +348,7 @@ impl Definition {
                 version: tag.to_string(),
                 url: img.url.clone(),
                 file: img.file.clone(),
-                sha256: Some(img.sha256.clone()),
+                sha256: img.sha256.clone(),
                 sha512: None,
                 install: vec![Install { from: None, to: oci.archive_path(), roles: img.roles.clone() }],
                 oci: Some(oci),
@@ -359,9 +374,18 @@ impl Definition {
                 (Some(u), None) => problems.push(format!("{at}: url '{u}' must be http(s)")),
                 (None, Some(f)) if f.is_absolute() => {}
                 (None, Some(f)) => problems.push(format!("{at}: file '{}' must be an absolute path", f.display())),
+                // An [[image]] with neither comes from its registry, pinned by its digest.
+                (None, None) if c.from_registry() => {}
+                (Some(_), Some(_)) if c.oci.is_some() => {
+                    problems.push(format!("{at}: give at most one of url and file (neither: pulled from its registry)"))
+                }
                 _ => problems.push(format!("{at}: give exactly one of url and file")),
             }
             match (&c.sha256, &c.sha512) {
+                (Some(_), _) if c.from_registry() => problems.push(format!(
+                    "{at}: sha256 pins an archive's bytes (with url or file); an image from its registry is pinned by its digest alone"
+                )),
+                (None, None) if c.from_registry() => {}
                 (None, None) => {
                     problems.push(format!("{at}: not pinned: give the sha256 (or sha512) its upstream publishes"))
                 }
@@ -448,11 +472,16 @@ mod tests {
                     }
                 }
             }
-            assert!(d.components.iter().all(|c| c.sha256.is_some() || c.sha512.is_some()));
+            // Pinned: by the bytes' digest, or (images from a registry) by the published digest.
+            assert!(d.components.iter().all(|c| c.sha256.is_some() || c.sha512.is_some() || c.from_registry()));
         }
         let (u, _) = Definition::load(&root().join("images/ubuntu-24.04.toml")).unwrap();
         assert!(u.base.mirror.starts_with("https://snapshot.ubuntu.com/ubuntu/"));
         assert!(u.components.iter().any(|c| c.name == "etcd") && u.components.iter().any(|c| c.name == "containerd"));
+        // Production pins pause (the sandbox) and CoreDNS by digest, pulled from their registry.
+        let pulled: Vec<_> = u.components.iter().filter(|c| c.from_registry()).filter_map(|c| c.oci.as_ref()).collect();
+        assert!(pulled.iter().any(|o| o.repository == "registry.k8s.io/pause" && o.sandbox));
+        assert!(pulled.iter().any(|o| o.repository == "registry.k8s.io/coredns/coredns"));
     }
 
     #[test]
@@ -499,6 +528,20 @@ mod tests {
                 // The last [[image]] (busybox) made a sandbox image too.
                 base.clone() + "sandbox = true\n",
                 "a second sandbox image for master",
+            ),
+            (
+                "registry image with a sha256",
+                base.clone().replacen("file = \"/var/cache/imgbuild/oci/busybox-1.35.0.oci.tar\"\n", "", 1),
+                "image[1] (imgbuild.local/busybox:1.35.0): sha256 pins an archive's bytes (with url or file)",
+            ),
+            (
+                "image with url and file",
+                base.clone().replacen(
+                    "file = \"/var/cache/imgbuild/oci/busybox-1.35.0.oci.tar\"\n",
+                    "file = \"/var/cache/imgbuild/oci/busybox-1.35.0.oci.tar\"\nurl = \"https://example.org/b.tar\"\n",
+                    1,
+                ),
+                "give at most one of url and file",
             ),
             (
                 "image with no roles",

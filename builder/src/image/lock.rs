@@ -13,7 +13,7 @@ use std::process::Command;
 use proto::Role;
 use serde::{Deserialize, Serialize};
 
-use super::cache::{Cache, Digest};
+use super::cache::{Cache, CacheError, Digest};
 use super::definition::Definition;
 use crate::digest::sha256_hex;
 
@@ -138,6 +138,9 @@ pub enum LockError {
     /// A download or a cache file failed.
     #[error(transparent)]
     Cache(#[from] super::cache::CacheError),
+    /// An image cannot be pulled from its registry.
+    #[error(transparent)]
+    Pull(#[from] super::registry::PullError),
     /// A file, directory or program failed (what and why).
     #[error("{0}")]
     Io(String),
@@ -446,6 +449,11 @@ pub async fn resolve(def: &Definition, definition_text: &str, cache: &Cache) -> 
 
 /// Puts a component into the cache (download or import, verified); returns (sha256, size).
 pub async fn component_blob(c: &super::definition::Component, cache: &Cache) -> Result<(String, u64), LockError> {
+    if let (Some(oci), true) = (&c.oci, c.from_registry()) {
+        let sha256 = pull_image(oci, cache).await?;
+        let size = std::fs::metadata(cache.blob(&sha256)).map(|m| m.len()).unwrap_or(0);
+        return Ok((sha256, size));
+    }
     let expect = match (&c.sha256, &c.sha512) {
         (Some(h), _) => Digest::Sha256(h.clone()),
         (None, Some(h)) => Digest::Sha512(h.clone()),
@@ -459,6 +467,28 @@ pub async fn component_blob(c: &super::definition::Component, cache: &Cache) -> 
     };
     let size = std::fs::metadata(cache.blob(&sha256)).map(|m| m.len()).unwrap_or(0);
     Ok((sha256, size))
+}
+
+/// An `[[image]]` from its registry, by digest, into the cache as an OCI archive; its sha256.
+async fn pull_image(oci: &super::definition::OciRef, cache: &Cache) -> Result<String, LockError> {
+    let what = format!("{}@{}", oci.reference, oci.digest);
+    if cache.offline {
+        return Err(
+            CacheError::Missing { what, digest: oci.digest.clone(), cache: cache.root.display().to_string() }.into()
+        );
+    }
+    let http = super::registry::client().map_err(|e| CacheError::Download {
+        what: what.clone(),
+        url: String::new(),
+        reason: e.to_string(),
+        attempts: 0,
+    })?;
+    let scratch = cache.scratch(&what);
+    let archive = scratch.with_extension("oci.tar");
+    let pulled = super::registry::pull(&http, oci, &scratch, &archive).await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    pulled?;
+    Ok(cache.adopt(&what, &archive)?)
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ pub mod files;
 pub mod lock;
 pub mod oci;
 pub mod outputs;
+pub mod registry;
 pub mod tree;
 pub mod vmdk;
 

@@ -5,7 +5,9 @@
 //!
 //! The archive is an OCI image layout as a tar (`oci-layout`, `index.json`, `blobs/`), read here
 //! with the `tar` crate and parsed with serde: only the index is looked at, since containerd
-//! verifies every blob by its digest when it imports them.
+//! verifies every blob by its digest when it imports them. An archive pulled from a registry
+//! names the platform's manifest and records the pinned index digest beside it
+//! ([`super::registry::INDEX_DIGEST`]); the lock pins its bytes.
 
 use std::path::{Path, PathBuf};
 
@@ -68,8 +70,9 @@ struct Descriptor {
     annotations: std::collections::BTreeMap<String, String>,
 }
 
-/// Checks that `archive`'s index names `oci.tag` with the pinned manifest digest.
-pub fn verify(archive: &Path, oci: &OciRef) -> Result<(), OciError> {
+/// Checks that `archive`'s index names `oci.tag` with the pinned digest (that of its manifest, or
+/// of the index it was pulled by); returns the manifest's digest, which containerd will show.
+pub fn verify(archive: &Path, oci: &OciRef) -> Result<String, OciError> {
     let not_oci = |reason: String| OciError::NotOci { path: archive.to_path_buf(), reason };
     let file = std::fs::File::open(archive).map_err(|e| not_oci(e.to_string()))?;
     let mut tar = tar::Archive::new(std::io::BufReader::new(file));
@@ -98,16 +101,17 @@ pub fn verify(archive: &Path, oci: &OciRef) -> Result<(), OciError> {
             found: if found.is_empty() { "none".into() } else { found.join(", ") },
         });
     };
-    if m.digest != oci.digest {
+    let pulled_by = m.annotations.get(super::registry::INDEX_DIGEST);
+    if m.digest != oci.digest && pulled_by != Some(&oci.digest) {
         return Err(OciError::Digest {
             path: archive.to_path_buf(),
             tag: oci.tag.clone(),
             reference: oci.reference.clone(),
             expected: oci.digest.clone(),
-            actual: m.digest.clone(),
+            actual: pulled_by.unwrap_or(&m.digest).clone(),
         });
     }
-    Ok(())
+    Ok(m.digest.clone())
 }
 
 /// The images `role` carries, in definition order.
@@ -115,9 +119,16 @@ pub fn for_role(def: &Definition, role: Role) -> impl Iterator<Item = &OciRef> {
     def.components.iter().filter(move |c| c.for_role(role)).filter_map(|c| c.oci.as_ref())
 }
 
-/// The node's list ([`proto::paths::IMAGE_LIST`]): `ARCHIVE REPOSITORY TAG DIGEST` per line.
-pub fn list(def: &Definition, role: Role) -> String {
-    for_role(def, role).map(|o| format!("{} {} {} {}\n", o.archive_path(), o.repository, o.tag, o.digest)).collect()
+/// One line of the node's list ([`proto::paths::IMAGE_LIST`]): `ARCHIVE REPOSITORY TAG DIGEST`,
+/// DIGEST being the manifest's that [`verify`] returned (what `ctr images ls` shows after the
+/// import).
+pub fn list_line(oci: &OciRef, manifest: &str) -> String {
+    format!("{} {} {} {manifest}\n", oci.archive_path(), oci.repository, oci.tag)
+}
+
+/// What the role's images are, for cache keys: each one's line with its pinned digest.
+pub fn pinned(def: &Definition, role: Role) -> String {
+    for_role(def, role).map(|o| list_line(o, &o.digest)).collect()
 }
 
 /// The sandbox image of `role`, if the definition gives one.

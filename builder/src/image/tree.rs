@@ -236,7 +236,7 @@ pub fn role_key(def: &Definition, lock: &Lock, role: Role, epoch: i64) -> Result
         }
     }
     let _ = writeln!(s, "image.json {}", sha256_hex(&image_info(def, role)));
-    let _ = writeln!(s, "images {}", sha256_hex(super::oci::list(def, role).as_bytes()));
+    let _ = writeln!(s, "images {}", sha256_hex(super::oci::pinned(def, role).as_bytes()));
     let _ = writeln!(s, "layer {} -> {}", proto::paths::BINARY, proto::paths::LAYER);
     Ok(sha256_hex(s.as_bytes()))
 }
@@ -260,11 +260,12 @@ pub fn role_tree(
         let _ = std::fs::remove_dir_all(&root);
         tools::run(Command::new("cp").args(["-a", "--reflink=auto"]).arg(base).arg(&root), "cp")?;
     }
+    let mut list = String::new();
     for c in def.components.iter().filter(|c| c.for_role(role)) {
         let locked = lock.require(&c.name)?;
         let blob = cache.blob(&locked.sha256);
         if let Some(oci) = &c.oci {
-            super::oci::verify(&blob, oci)?;
+            list += &super::oci::list_line(oci, &super::oci::verify(&blob, oci)?);
         }
         let src_dir = if c.is_archive() {
             let x = work.join("extract").join(&c.name);
@@ -302,7 +303,6 @@ pub fn role_tree(
     std::fs::create_dir_all(info_path.parent().expect("has parent")).at(&info_path)?;
     let _ = std::fs::remove_file(&info_path);
     std::fs::write(&info_path, image_info(def, role)).at(&info_path)?;
-    let list = super::oci::list(def, role);
     if !list.is_empty() {
         let list_path = proto::paths::under(&root, proto::paths::IMAGE_LIST);
         #[expect(clippy::expect_used, reason = "a path under a root joined with an absolute node path has a parent")]

@@ -250,7 +250,7 @@ async fn lease(State(app): State<Arc<App>>, Extension(peer): Extension<Peer>, bo
     let node = node(&app, &peer).await?;
     let req: LeaseRequest = parse(&body)?;
     let tokens = app.fleet.tokens()?;
-    ok(app.fleet.lease(&node, req.action, || app.renderer.cluster_objects(&tokens)).await?)
+    ok(app.fleet.lease(&node, req.action, || app.renderer.cluster_objects(&tokens, node.image.as_ref())).await?)
 }
 
 fn admin(app: &App, peer: &Peer) -> Result<(), ApiError> {

@@ -159,8 +159,10 @@ impl Renderer {
         &self.ca_pems.iter().find(|(k, _)| *k == kind).expect("loaded at start").1
     }
 
-    /// The objects the first master applies: join token Secret, node-bootstrap RBAC, cluster-info.
-    pub fn cluster_objects(&self, tokens: &[TokenRecord]) -> Vec<Value> {
+    /// The objects the first master applies: join token Secret, node-bootstrap RBAC, cluster-info,
+    /// and CoreDNS when the master's `image` carries a CoreDNS image (Debian's carry none: no
+    /// cluster DNS there, rather than a pod that cannot start).
+    pub fn cluster_objects(&self, tokens: &[TokenRecord], image: Option<&ImageInfo>) -> Vec<Value> {
         let now = OffsetDateTime::now_utc();
         let mut objects: Vec<Value> = tokens
             .iter()
@@ -169,6 +171,13 @@ impl Renderer {
             .collect();
         objects.extend(kube::node_bootstrap_rbac(DEFAULT_NODE_GROUP));
         objects.extend(kube::cluster_info(self.ca_pem(CaKind::Cluster), &self.cluster.api.url()));
+        if let Some((reference, version)) =
+            image.and_then(|i| Some((coredns_image(i)?, i.kubernetes_version.parse().ok()?)))
+        {
+            let n = &self.cluster.networks;
+            let taint = Versioned::of(version).control_plane_taint;
+            objects.extend(kube::coredns(reference, &n.cluster_dns.to_string(), &n.dns_domain, taint));
+        }
         objects
     }
 
@@ -477,6 +486,14 @@ impl Renderer {
             }),
         }
     }
+}
+
+/// The CoreDNS image an image carries (a component `…/coredns:TAG`), by reference.
+fn coredns_image(image: &ImageInfo) -> Option<&str> {
+    image.components.keys().map(String::as_str).find(|name| {
+        crate::image::definition::split_reference(name)
+            .is_some_and(|(repo, _)| repo == "coredns" || repo.ends_with("/coredns"))
+    })
 }
 
 /// A BIRD protocol name for a node (letters, digits and `_`; node names have `-` and `.`).
