@@ -188,8 +188,7 @@ fn firstboot_processes_in_their_own_network_namespaces() {
         let root = dir.path().join(&n.name);
         std::fs::create_dir_all(root.join("sys/class")).unwrap();
         std::os::unix::fs::symlink("/sys/class/net", root.join("sys/class/net")).unwrap();
-        std::fs::create_dir_all(root.join("etc")).unwrap();
-        std::fs::write(root.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+        image_accounts(&root);
         nodes.push((n.clone(), name, addr, root));
     }
     let serve = ServeProcess::start(&st.root, "10.77.0.1:9443", Some(&srv));

@@ -98,8 +98,14 @@ pub fn node_root(dir: &Path, mac: &str) -> PathBuf {
     std::fs::write(nic.join("address"), format!("{mac}\n")).unwrap();
     std::fs::write(nic.join("type"), "1\n").unwrap();
     std::fs::write(nic.join("addr_assign_type"), "0\n").unwrap();
+    image_accounts(&root);
+    root
+}
+
+/// /etc/passwd and /etc/group under `root` with the users and groups the images' packages make,
+/// which node configs name as owners.
+pub fn image_accounts(root: &Path) {
     std::fs::create_dir_all(root.join("etc")).unwrap();
-    // The users and groups the images' packages make, which node configs name as owners.
     std::fs::write(
         root.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\netcd:x:107:113::/var/lib/etcd:/usr/sbin/nologin\n\
@@ -107,7 +113,6 @@ pub fn node_root(dir: &Path, mac: &str) -> PathBuf {
     )
     .unwrap();
     std::fs::write(root.join("etc/group"), "root:x:0:\netcd:x:113:\nbird:x:114:\n").unwrap();
-    root
 }
 
 /// The payload `imgbuild payload --role ROLE` hands out (a worker's carries the worker token,
