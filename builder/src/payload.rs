@@ -15,7 +15,7 @@ use std::io::Write;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use proto::Role;
-use proto::bootcfg::{BOOT_CONFIG_VERSION, BootConfig, StaticNetwork};
+use proto::bootcfg::{BOOT_CONFIG_VERSION, BootConfig, HostBasics, StaticNetwork};
 use proto::paths;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -133,7 +133,24 @@ pub fn open_config(state: &State, cluster: &Cluster, target: &Target<'_>) -> Res
             gateway: n.gateway.map(Into::into),
             dns: vec![],
         }),
+        host: host_basics(cluster, target.node),
     })
+}
+
+/// `spec.hosts` for a payload, with `node`'s own SSH keys after the cluster's.
+pub fn host_basics(cluster: &Cluster, node: Option<&Node>) -> HostBasics {
+    let h = &cluster.hosts;
+    HostBasics {
+        dns_servers: h.dns_servers.clone(),
+        search_domains: h.search_domains.clone(),
+        ntp_servers: h.ntp_servers.clone(),
+        ssh_authorized_keys: h
+            .ssh_authorized_keys
+            .iter()
+            .chain(node.iter().flat_map(|n| &n.ssh_authorized_keys))
+            .cloned()
+            .collect(),
+    }
 }
 
 /// The node `name`, checked to have `role`.

@@ -31,6 +31,11 @@ pub fn render(name: &str, ctx: impl Serialize) -> Result<String, minijinja::Erro
     env().get_template(name)?.render(ctx)
 }
 
+/// The text of an embedded template, as written.
+pub fn source(name: &str) -> Option<&'static str> {
+    embedded::TEMPLATES.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
+}
+
 /// The names of all embedded templates.
 pub fn names() -> impl Iterator<Item = &'static str> {
     embedded::TEMPLATES.iter().map(|(n, _)| *n)

@@ -55,6 +55,10 @@ async fn run_node(
     (r, effects)
 }
 
+/// Operators' SSH keys (made with ssh-keygen -t ed25519).
+const CLUSTER_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGggOPvVLpf1bZvT1Vphrs6l+wf2RuIKkOKaF06sAHvT ops@site";
+const NODE_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMsZ2dcE9mY2nEVpTfj1conNiZ19zFFf8bP3rs6jiVrC rack-a@site";
+
 fn mode(p: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
@@ -63,11 +67,19 @@ fn mode(p: &Path) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_nodes_enroll_get_certificates_and_report() {
     let dir = tempfile::tempdir().unwrap();
-    let (st, cluster) = state_with(dir.path(), |t| t);
+    // An operators' key for every node, and one more for k8s-master1 alone.
+    let (st, cluster) = state_with(dir.path(), |t| {
+        t.replacen("sshAuthorizedKeys: []", &format!("sshAuthorizedKeys: [\"{CLUSTER_KEY}\"]"), 1).replacen(
+            "      mac: \"52:54:00:03:01:11\"\n",
+            &format!("      mac: \"52:54:00:03:01:11\"\n      sshAuthorizedKeys: [\"{NODE_KEY}\"]\n"),
+            1,
+        )
+    });
     let server = start(&st).await;
     let url = format!("https://127.0.0.1:{}", server.addr.port());
 
     let mut tasks = Vec::new();
+    let mut run_effects = std::collections::HashMap::new();
     for n in &cluster.nodes {
         // Masters with their own credential; workers with the worker token.
         let boot = match n.role {
@@ -84,7 +96,28 @@ async fn six_nodes_enroll_get_certificates_and_report() {
             other => panic!("{name}: {other:?}"),
         }
         assert!(effects.contains(&format!("hostname {name}")), "{name}: {effects:?}");
+        run_effects.insert(name, effects);
     }
+
+    // spec.hosts on the node before it enrolled: DNS and NTP drop-ins (services restarted),
+    // root's SSH keys (the cluster's and the node's own) private to root.
+    let w1 = dir.path().join("k8s-worker1");
+    let resolved = std::fs::read_to_string(proto::paths::under(&w1, proto::paths::RESOLVED_DROPIN)).unwrap();
+    assert!(resolved.contains("[Resolve]\nDNS=192.168.3.1\nDomains=k8s.org\n"), "{resolved}");
+    let ntp = std::fs::read_to_string(proto::paths::under(&w1, proto::paths::TIMESYNCD_DROPIN)).unwrap();
+    assert!(ntp.contains("[Time]\nNTP=192.168.3.1\n"), "{ntp}");
+    let keys_of = |node: &str| proto::paths::under(&dir.path().join(node), proto::paths::ROOT_AUTHORIZED_KEYS);
+    let w1_keys = std::fs::read_to_string(keys_of("k8s-worker1")).unwrap();
+    assert!(w1_keys.contains(CLUSTER_KEY) && !w1_keys.contains(NODE_KEY), "{w1_keys}");
+    let m1_keys = keys_of("k8s-master1");
+    let text = std::fs::read_to_string(&m1_keys).unwrap();
+    assert!(text.contains(CLUSTER_KEY) && text.contains(NODE_KEY), "{text}");
+    assert_eq!((mode(&m1_keys), mode(m1_keys.parent().unwrap())), (0o600, 0o700));
+    let m2_keys = std::fs::read_to_string(keys_of("k8s-master2")).unwrap();
+    assert!(!m2_keys.contains(NODE_KEY), "k8s-master1's own key on k8s-master2: {m2_keys}");
+    let effects = &run_effects["k8s-worker1"];
+    let at = |e: &str| effects.iter().position(|x| x == e).unwrap_or_else(|| panic!("no {e} in {effects:?}"));
+    assert!(at("systemctl restart systemd-resolved.service") < at("systemctl restart systemd-timesyncd.service"));
 
     // The server's view, as `imgbuild nodes` shows it.
     let status: Vec<NodeStatus> = server.app.fleet.status().await.unwrap();

@@ -194,3 +194,43 @@ fn coredns_only_where_the_image_carries_it() {
     let cm = prod.iter().find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == "coredns").unwrap();
     assert!(cm["data"]["Corefile"].as_str().unwrap().contains("kubernetes k8s.org in-addr.arpa ip6.arpa"));
 }
+
+/// A site's manifest: OIDC on the apiserver, kubelet and kube-proxy settings of its own.
+const SITE: &str = "components:
+    apiserver:
+      extraArgs:
+        oidc-issuer-url: https://sso.example.org/realms/k8s
+        oidc-client-id: kubernetes
+        oidc-username-claim: email
+        oidc-username-prefix: \"oidc:%u\"
+    controllerManager: {extraArgs: {node-monitor-grace-period: 20s}}
+    scheduler: {extraArgs: {v: 2}}
+    kubelet:
+      extraArgs: {max-pods: 200}
+      config: {serializeImagePulls: false, evictionHard: {memory.available: 200Mi}}
+    kubeProxy:
+      config: {conntrack: {maxPerCore: 65536}}";
+
+#[test]
+fn golden_site_components_reach_their_flags_and_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (st, cluster) = state_with(dir.path(), |t| t.replacen("components: {}", SITE, 1));
+    let r = Renderer::new(&st, &cluster).unwrap();
+    let password = std::fs::read_to_string(st.bgp_password()).unwrap().trim().to_string();
+    let m = render(&r, &cluster, "k8s-master1", "v1.20.2", false);
+    golden("node/site/k8s-master1.txt", &describe(&m, &password));
+    let file = |c: &NodeConfig, p: &str| c.files.iter().find(|f| f.path == p).unwrap().contents.clone();
+    let api = file(&m, "/etc/systemd/system/kube-apiserver.service");
+    assert!(api.contains("  \"--oidc-issuer-url=https://sso.example.org/realms/k8s\" \\\n"));
+    // systemd would expand %u (the user) and $VAR: they reach the flag as written.
+    assert!(api.contains("\"--oidc-username-prefix=oidc:%%u\""));
+    assert!(api.trim_end().ends_with("WantedBy=multi-user.target"));
+    let kubelet = file(&m, proto::paths::KUBELET_CONFIG);
+    let parsed: serde_json::Value = serde_saphyr::from_str(&kubelet).unwrap();
+    assert_eq!(parsed["serializeImagePulls"], false);
+    assert_eq!(parsed["evictionHard"]["memory.available"], "200Mi");
+    assert_eq!(parsed["clusterDNS"][0], "10.40.0.10", "imgbuild's fields are kept");
+    let proxy: serde_json::Value = serde_saphyr::from_str(&file(&m, &proto::paths::kube_proxy_config("ipvs"))).unwrap();
+    assert_eq!(proxy["conntrack"]["maxPerCore"], 65536);
+    assert!(file(&m, "/etc/systemd/system/kubelet.service").contains("\"--max-pods=200\" \\\n  --v=1"));
+}

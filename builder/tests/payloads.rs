@@ -33,6 +33,7 @@ fn fixed(cluster: &Cluster, target: &Target<'_>) -> BootConfig {
             gateway: n.gateway.map(Into::into),
             dns: vec![],
         }),
+        host: payload::host_basics(cluster, target.node),
     }
 }
 

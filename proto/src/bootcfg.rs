@@ -37,6 +37,39 @@ pub struct BootConfig {
     /// Static address for the first NIC, where there is no DHCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<StaticNetwork>,
+    /// DNS, NTP and operators' SSH keys, applied before enrolling (static and DHCP nodes alike).
+    #[serde(default, skip_serializing_if = "HostBasics::is_empty")]
+    pub host: HostBasics,
+}
+
+/// What a node's operating system gets from the manifest (`spec.hosts`, and the node's own SSH
+/// keys): nothing secret, so in every payload, and applied first so that an operator can log in
+/// (break-glass) even on a machine that never enrolls.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HostBasics {
+    /// DNS servers for systemd-resolved, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_servers: Vec<IpAddr>,
+    /// DNS search domains.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub search_domains: Vec<String>,
+    /// NTP servers for systemd-timesyncd.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ntp_servers: Vec<String>,
+    /// OpenSSH public keys for root's `authorized_keys`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+}
+
+impl HostBasics {
+    /// Nothing to apply.
+    pub fn is_empty(&self) -> bool {
+        self.dns_servers.is_empty()
+            && self.search_domains.is_empty()
+            && self.ntp_servers.is_empty()
+            && self.ssh_authorized_keys.is_empty()
+    }
 }
 
 /// A static address for a node's NIC, for networks without DHCP.
@@ -173,6 +206,8 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Option<CmdlineConfig>, CmdlineErro
         token,
         role,
         network,
+        // DNS, NTP and SSH keys do not fit a command line: a payload URL carries them.
+        host: HostBasics::default(),
     })))
 }
 
@@ -194,6 +229,7 @@ mod tests {
                 gateway: Some("192.168.3.1".parse().unwrap()),
                 dns: vec!["192.168.3.1".parse().unwrap()],
             }),
+            host: HostBasics::default(),
         }
     }
 

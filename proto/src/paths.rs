@@ -82,6 +82,12 @@ pub const SYSCTL_CONFIG: &str = "/etc/sysctl.d/90-kubernetes.conf";
 pub const MODULES_CONFIG: &str = "/etc/modules-load.d/kubernetes.conf";
 /// The static address from a per-node payload (systemd-networkd).
 pub const STATIC_NETWORK: &str = "/etc/systemd/network/10-firstboot.network";
+/// systemd-resolved's settings from the payload (`spec.hosts` DNS servers and search domains).
+pub const RESOLVED_DROPIN: &str = "/etc/systemd/resolved.conf.d/50-imgbuild.conf";
+/// systemd-timesyncd's settings from the payload (`spec.hosts` NTP servers).
+pub const TIMESYNCD_DROPIN: &str = "/etc/systemd/timesyncd.conf.d/50-imgbuild.conf";
+/// root's SSH keys from the payload (operators' break-glass access).
+pub const ROOT_AUTHORIZED_KEYS: &str = "/root/.ssh/authorized_keys";
 /// The node's hostname.
 pub const HOSTNAME: &str = "/etc/hostname";
 /// Units and drop-ins delivered by the role config.

@@ -5,6 +5,7 @@
 //! To add a field: add it to [`raw`], to the typed settings here, to [`Cluster::to_raw`] (the
 //! resolved spec written to the state dir), and check it in [`validate`].
 
+mod hosts;
 mod locate;
 pub(crate) mod raw;
 mod types;
@@ -13,6 +14,7 @@ mod validate;
 use std::fmt;
 use std::path::Path;
 
+pub use hosts::{Components, Flags, Hosts, exec_words};
 pub use types::*;
 pub(crate) use validate::validate;
 

@@ -39,7 +39,48 @@ pub struct RawSpec {
     #[serde(default)]
     pub pki: RawPki,
     #[serde(default)]
+    pub hosts: RawHosts,
+    #[serde(default)]
+    pub components: RawComponents,
+    #[serde(default)]
     pub nodes: Vec<RawNode>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawHosts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_servers: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search_domains: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ntp_servers: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_authorized_keys: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawComponents {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apiserver: Option<RawComponent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller_manager: Option<RawComponent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<RawComponent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubelet: Option<RawComponent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube_proxy: Option<RawComponent>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawComponent {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra_args: Option<std::collections::BTreeMap<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -109,6 +150,8 @@ pub struct RawNode {
     pub uuid: Option<String>,
     pub address: Option<String>,
     pub gateway: Option<String>,
+    #[serde(default, rename = "sshAuthorizedKeys", skip_serializing_if = "Option::is_none")]
+    pub ssh_authorized_keys: Option<Vec<String>>,
 }
 
 /// A YAML scalar that may be a number or a string; validation decides.

@@ -28,6 +28,10 @@ pub struct Cluster {
     pub enrollment: Enrollment,
     /// Key algorithm and validity of the cluster's CAs and certificates.
     pub pki: PkiSettings,
+    /// Every node's operating system: DNS, NTP, operators' SSH keys.
+    pub hosts: super::Hosts,
+    /// Extra flags and configuration of the Kubernetes components.
+    pub components: super::Components,
     /// The inventory: every node known in advance, in manifest order.
     pub nodes: Vec<Node>,
 }
@@ -376,6 +380,8 @@ pub struct Node {
     pub address: Ipv4Net,
     /// Its default gateway, for a static address.
     pub gateway: Option<Ipv4Addr>,
+    /// OpenSSH keys for root on this node, besides `spec.hosts.sshAuthorizedKeys`.
+    pub ssh_authorized_keys: Vec<String>,
 }
 
 impl Node {
@@ -448,6 +454,8 @@ impl Cluster {
                     enrollment_token_ttl: Some(format_duration(self.enrollment.enrollment_token_ttl)),
                     join_token_ttl: Some(format_duration(self.enrollment.join_token_ttl)),
                 },
+                hosts: self.hosts.to_raw(),
+                components: self.components.to_raw(),
                 pki: RawPki {
                     key_algorithm: Some(self.pki.key_algorithm.as_str().into()),
                     ca_validity: Some(format_duration(self.pki.ca_validity)),
@@ -463,6 +471,8 @@ impl Cluster {
                         uuid: node.uuid.as_ref().map(ToString::to_string),
                         address: Some(node.address.to_string()),
                         gateway: node.gateway.map(|g| g.to_string()),
+                        ssh_authorized_keys: (!node.ssh_authorized_keys.is_empty())
+                            .then(|| node.ssh_authorized_keys.clone()),
                     })
                     .collect(),
             },

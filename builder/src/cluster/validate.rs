@@ -16,12 +16,12 @@ use super::types::*;
 pub type Found = (String, Option<String>, String);
 
 #[derive(Default)]
-struct Checker {
+pub(super) struct Checker {
     found: Vec<Found>,
 }
 
 impl Checker {
-    fn bad(&mut self, path: impl Into<String>, value: Option<&str>, message: impl Into<String>) {
+    pub(super) fn bad(&mut self, path: impl Into<String>, value: Option<&str>, message: impl Into<String>) {
         self.found.push((path.into(), value.map(str::to_string), message.into()));
     }
 
@@ -33,7 +33,12 @@ impl Checker {
     }
 
     /// Parses an optional value; `None` on absence or (recorded) error.
-    fn parse<T>(&mut self, path: &str, v: Option<&str>, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+    pub(super) fn parse<T>(
+        &mut self,
+        path: &str,
+        v: Option<&str>,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
         let v = v?;
         match parse(v) {
             Ok(t) => Some(t),
@@ -323,6 +328,10 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
         }
     }
 
+    // --- hosts and components ---------------------------------------------------------------------
+    let hosts = super::hosts::hosts(&mut c, &spec.hosts);
+    let components = super::hosts::components(&mut c, &spec.components);
+
     // --- nodes ----------------------------------------------------------------------------------
     let mut nodes = Vec::new();
     let mut names: HashMap<String, usize> = HashMap::new();
@@ -414,8 +423,10 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
                 "etcd nodes need spec.etcd.topology: external (stacked etcd runs on the masters)",
             );
         }
+        let ssh_authorized_keys =
+            super::hosts::ssh_keys(&mut c, &at("sshAuthorizedKeys"), n.ssh_authorized_keys.as_ref());
         if let (Some(name), Some(role), Some(address)) = (name, role, address) {
-            nodes.push(Node { name: name.to_string(), role, mac, uuid, address, gateway });
+            nodes.push(Node { name: name.to_string(), role, mac, uuid, address, gateway, ssh_authorized_keys });
         }
     }
     if !spec.nodes.iter().any(|n| n.role.as_deref() == Some("master")) && !spec.nodes.is_empty() {
@@ -472,6 +483,8 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
         etcd,
         enrollment: Enrollment { servers, policy, enrollment_token_ttl, join_token_ttl },
         pki: PkiSettings { key_algorithm, ca_validity, cert_validity },
+        hosts,
+        components,
         nodes,
     })
 }

@@ -28,7 +28,7 @@ use time::OffsetDateTime;
 
 use super::fleet::ApiError;
 use super::fleet::records::NodeRecord;
-use crate::cluster::{Cluster, KubeVersion, PodNetwork};
+use crate::cluster::{Cluster, KubeVersion, PodNetwork, exec_words};
 use crate::kube;
 use crate::pki::{CaKind, NodeIdentity, leaf_spec};
 use crate::state::State;
@@ -238,6 +238,12 @@ impl Renderer {
             cni_template => matches!(c.networks.pod_network, PodNetwork::Bgp { .. }).then_some(paths::CNI_TEMPLATE), vip => c.api.vip.to_string(), port => c.api.port,
             containerd2 => inputs.containerd2, systemd_cgroup => v.cgroup_driver == "systemd",
             pause_image => inputs.sandbox_image.as_deref().unwrap_or(DEFAULT_SANDBOX_IMAGE),
+            apiserver_args => exec_words(&c.components.apiserver),
+            controller_manager_args => exec_words(&c.components.controller_manager),
+            scheduler_args => exec_words(&c.components.scheduler),
+            kubelet_args => exec_words(&c.components.kubelet),
+            kubelet_config_extra => yaml_fields(&c.components.kubelet_config),
+            kube_proxy_config_extra => yaml_fields(&c.components.kube_proxy_config),
         };
         let mut p = Parts {
             files: vec![file(paths::CA_CERT, 0o644, self.ca_pem(CaKind::Cluster))],
@@ -486,6 +492,16 @@ impl Renderer {
             }),
         }
     }
+}
+
+/// Configuration fields as YAML lines to append to a configuration file (empty for none); the
+/// manifest's checks keep them apart from the fields the template sets.
+fn yaml_fields(fields: &serde_json::Map<String, Value>) -> String {
+    if fields.is_empty() {
+        return String::new();
+    }
+    #[expect(clippy::expect_used, reason = "YAML can write every JSON value")]
+    serde_saphyr::to_string(&Value::Object(fields.clone())).expect("JSON values serialize as YAML")
 }
 
 /// The CoreDNS image an image carries (a component `…/coredns:TAG`), by reference.

@@ -393,6 +393,7 @@ impl<H: Host, S: Systemd> Agent<H, S> {
         if let Some(net) = &config.network {
             self.static_network(net).await?;
         }
+        self.host_basics(&config.host).await?;
         let message = format!(
             "machine {} ({} MACs), payload from {from} ({}), servers {}; {}",
             identity.key(),
@@ -431,6 +432,43 @@ impl<H: Host, S: Systemd> Agent<H, S> {
         }
         write_atomic(&path, unit.as_bytes(), 0o644, None).at(&path)?;
         Ok(self.systemd.restart("systemd-networkd.service").await?)
+    }
+
+    /// The payload's DNS servers and search domains (a systemd-resolved drop-in), NTP servers (a
+    /// systemd-timesyncd drop-in) and operators' SSH keys (root's `authorized_keys`): applied
+    /// before enrolling, so that an operator can log in even on a machine that gets no further.
+    async fn host_basics(&mut self, h: &proto::bootcfg::HostBasics) -> Result<(), PhaseError> {
+        let root = self.opts.root.clone();
+        let write = |node_path: &str, dir_mode: u32, mode: u32, text: String| -> Result<(), PhaseError> {
+            let path = paths::under(&root, node_path);
+            if let Some(dir) = path.parent() {
+                ensure_dir(dir, dir_mode).at(dir)?;
+            }
+            write_atomic(&path, text.as_bytes(), mode, None).at(&path)?;
+            Ok(())
+        };
+        const HEADER: &str = "# Written by firstboot from the first-boot payload (spec.hosts).\n";
+        if !h.dns_servers.is_empty() || !h.search_domains.is_empty() {
+            let mut text = format!("{HEADER}[Resolve]\n");
+            if !h.dns_servers.is_empty() {
+                let servers: Vec<String> = h.dns_servers.iter().map(ToString::to_string).collect();
+                text += &format!("DNS={}\n", servers.join(" "));
+            }
+            if !h.search_domains.is_empty() {
+                text += &format!("Domains={}\n", h.search_domains.join(" "));
+            }
+            write(paths::RESOLVED_DROPIN, 0o755, 0o644, text)?;
+            self.systemd.restart("systemd-resolved.service").await?;
+        }
+        if !h.ntp_servers.is_empty() {
+            write(paths::TIMESYNCD_DROPIN, 0o755, 0o644, format!("{HEADER}[Time]\nNTP={}\n", h.ntp_servers.join(" ")))?;
+            self.systemd.restart("systemd-timesyncd.service").await?;
+        }
+        if !h.ssh_authorized_keys.is_empty() {
+            let keys: String = h.ssh_authorized_keys.iter().map(|k| format!("{k}\n")).collect();
+            write(paths::ROOT_AUTHORIZED_KEYS, 0o700, 0o600, format!("{HEADER}{keys}"))?;
+        }
+        Ok(())
     }
 
     /// Enrolls with the payload's credential, or without one, waiting for the operator's

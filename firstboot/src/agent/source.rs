@@ -352,6 +352,7 @@ mod tests {
             token: Some("abcdef.0123456789abcdef".parse().unwrap()),
             role: Role::Master,
             network: None,
+            host: Default::default(),
         }
     }
 
