@@ -94,6 +94,38 @@ pub enum Command {
     Serve(ServeArgs),
     /// Show every machine the enrollment server knows, or approve one
     Nodes(NodesArgs),
+    /// Configuration for the network that PXE-boots the nodes
+    #[command(subcommand)]
+    Pxe(PxeCommand),
+}
+
+/// `imgbuild pxe`: what a site's PXE network needs.
+#[derive(Debug, Subcommand)]
+pub enum PxeCommand {
+    /// A dnsmasq configuration: the inventory's DHCP leases, iPXE over TFTP for BIOS and UEFI
+    /// firmware, and the chain to `imgbuild serve --boot-listen`
+    Dnsmasq(DnsmasqArgs),
+}
+
+/// `imgbuild pxe dnsmasq`: options.
+#[derive(Debug, Args)]
+pub struct DnsmasqArgs {
+    /// Where `imgbuild serve --boot-listen` is [default: http://<first server host>:8080/boot]
+    #[arg(long, value_name = "URL")]
+    pub boot_url: Option<String>,
+    /// Serve DHCP and TFTP on this interface only
+    #[arg(long, value_name = "NAME")]
+    pub interface: Option<String>,
+    /// Addresses for machines outside the inventory, FIRST,LAST (they then boot the worker
+    /// script and wait for approval); without it they get no address
+    #[arg(long, value_name = "FIRST,LAST")]
+    pub dynamic_range: Option<String>,
+    /// Where the iPXE binaries are (Debian's ipxe package)
+    #[arg(long, default_value = crate::pxe::DEBIAN_IPXE_DIR, value_name = "DIR")]
+    pub tftp_root: String,
+    /// Write here instead of stdout
+    #[arg(long, short, value_name = "FILE")]
+    pub out: Option<PathBuf>,
 }
 
 /// `imgbuild payload --format`: how the payload reaches the machine.

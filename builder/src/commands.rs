@@ -560,3 +560,56 @@ pub fn payload(global: &Global, args: &crate::cli::PayloadArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// `imgbuild pxe dnsmasq`: the dnsmasq configuration for the cluster's PXE network.
+pub fn pxe_dnsmasq(global: &Global, args: &crate::cli::DnsmasqArgs) -> Result<()> {
+    let cluster = State::new(&global.state).cluster()?;
+    let dynamic = match &args.dynamic_range {
+        None => None,
+        Some(r) => {
+            let bad = || {
+                InvalidInput(format!(
+                    "--dynamic-range '{r}': expected FIRST,LAST IPv4 addresses, e.g. 192.168.3.150,192.168.3.199"
+                ))
+            };
+            let (a, b) = r.split_once(',').ok_or_else(bad)?;
+            let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) =
+                (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+            if a > b {
+                return Err(bad().into());
+            }
+            if let Some(n) = cluster.nodes.iter().find(|n| (a..=b).contains(&n.ip())) {
+                return Err(InvalidInput(format!(
+                    "--dynamic-range {r} holds {}, the address of {}: choose a range outside the inventory's",
+                    n.ip(),
+                    n.name
+                ))
+                .into());
+            }
+            if !cluster.nodes.iter().any(|n| n.address.contains(&a) && n.address.contains(&b)) {
+                return Err(InvalidInput(format!(
+                    "--dynamic-range {r} is not inside any node network of the inventory"
+                ))
+                .into());
+            }
+            Some((a, b))
+        }
+    };
+    let boot = args.boot_url.clone().unwrap_or_else(|| {
+        let base = crate::payload::default_boot_base(&cluster, proto::Role::Worker);
+        base.trim_end_matches("/worker").to_string()
+    });
+    let opts = crate::pxe::DnsmasqOptions {
+        boot,
+        interface: args.interface.clone(),
+        dynamic,
+        tftp_root: args.tftp_root.clone(),
+    };
+    let text = crate::pxe::dnsmasq(&cluster, &opts);
+    match &args.out {
+        Some(path) => proto::fsutil::write_atomic(path, text.as_bytes(), 0o644, None)
+            .with_context(|| format!("cannot write {}", path.display()))?,
+        None => std::io::stdout().write_all(text.as_bytes())?,
+    }
+    Ok(())
+}

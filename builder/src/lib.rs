@@ -10,6 +10,7 @@ pub mod kube;
 pub mod payload;
 pub mod pki;
 pub mod progress;
+pub mod pxe;
 pub mod serve;
 pub mod state;
 pub mod templates;

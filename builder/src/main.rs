@@ -37,6 +37,7 @@ fn main() -> ExitCode {
         Some(Command::Lock(a)) => commands::lock(a),
         Some(Command::Fetch(a)) => commands::fetch(a),
         Some(Command::Nodes(a)) => commands::nodes(&cli.global, a),
+        Some(Command::Pxe(imgbuild::cli::PxeCommand::Dnsmasq(a))) => commands::pxe_dnsmasq(&cli.global, a),
         None if !cli.bake.role.is_empty() => commands::bake(&cli.global, &cli.bake),
         None => Err(anyhow::anyhow!("nothing to do: give --role ROLE to bake an image, or a subcommand (see --help)")),
     };
