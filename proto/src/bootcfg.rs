@@ -96,7 +96,7 @@ pub struct StaticNetwork {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CmdlineConfig {
     /// The whole payload on the command line.
-    Inline(BootConfig),
+    Inline(Box<BootConfig>),
     /// Fetch the payload from `url`; when it is HTTPS, trust only a server under `pin`.
     Remote {
         /// Where the payload is (`http://` or `https://`).
@@ -199,7 +199,7 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Option<CmdlineConfig>, CmdlineErro
                 .unwrap_or_default(),
         }),
     };
-    Ok(Some(CmdlineConfig::Inline(BootConfig {
+    Ok(Some(CmdlineConfig::Inline(Box::new(BootConfig {
         version: BOOT_CONFIG_VERSION,
         servers: servers.split(',').map(str::to_string).collect(),
         ca_pin: pin(needed)?,
@@ -208,7 +208,7 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Option<CmdlineConfig>, CmdlineErro
         network,
         // DNS, NTP and SSH keys do not fit a command line: a payload URL carries them.
         host: HostBasics::default(),
-    })))
+    }))))
 }
 
 #[cfg(test)]
@@ -237,7 +237,7 @@ mod tests {
     fn cmdline_roundtrip() {
         let c = sample();
         let line = format!("BOOT_IMAGE=/vmlinuz ro quiet {} console=ttyS0", c.to_cmdline());
-        assert_eq!(parse_cmdline(&line).unwrap(), Some(CmdlineConfig::Inline(c)));
+        assert_eq!(parse_cmdline(&line).unwrap(), Some(CmdlineConfig::Inline(Box::new(c))));
     }
 
     #[test]

@@ -379,7 +379,7 @@ impl<H: Host, S: Systemd> Agent<H, S> {
         let (found, from) = source::load(&root, &sources)?
             .ok_or_else(|| PhaseError::NoPayload(sources.iter().map(|s| s.name()).collect()))?;
         let config = match found {
-            Found::Config(c) => c,
+            Found::Config(c) => *c,
             Found::Remote { url, pin } => fetch_remote(&url, pin, &self.opts.backoff, self.deadline).await?,
         };
         let image = std::fs::read(paths::under(&root, paths::IMAGE_INFO))

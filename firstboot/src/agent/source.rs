@@ -42,7 +42,7 @@ fn invalid(source_name: &str, message: impl Into<String>) -> SourceError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Found {
     /// The payload itself.
-    Config(BootConfig),
+    Config(Box<BootConfig>),
     /// Fetch from this URL; trust only this CA when it is HTTPS.
     Remote {
         /// Where the payload is (`http://` or `https://`).
@@ -174,7 +174,7 @@ impl ConfigSource for LocalFile {
     }
     fn load(&self, _root: &Path) -> Result<Option<Found>, SourceError> {
         let text = std::fs::read_to_string(&self.0).map_err(|e| invalid(&self.name(), e.to_string()))?;
-        parse_payload(&text, &self.name()).map(|c| Some(Found::Config(c)))
+        parse_payload(&text, &self.name()).map(|c| Some(Found::Config(Box::new(c))))
     }
 }
 
@@ -187,7 +187,7 @@ impl ConfigSource for WrittenFile {
     }
     fn load(&self, root: &Path) -> Result<Option<Found>, SourceError> {
         match std::fs::read_to_string(paths::under(root, paths::BOOT_CONFIG)) {
-            Ok(text) => parse_payload(&text, &self.name()).map(|c| Some(Found::Config(c))),
+            Ok(text) => parse_payload(&text, &self.name()).map(|c| Some(Found::Config(Box::new(c)))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(invalid(&self.name(), e.to_string())),
         }
@@ -284,7 +284,7 @@ impl ConfigSource for Guestinfo {
             if let Some((value, name)) = get(key) {
                 let encoding = get(&format!("{key}.encoding")).map(|(e, _)| e);
                 let text = decode_guestinfo(&value, encoding.as_deref()).map_err(|e| invalid(&name, e))?;
-                return parse_payload(&text, &name).map(|c| Some(Found::Config(c)));
+                return parse_payload(&text, &name).map(|c| Some(Found::Config(Box::new(c))));
             }
         }
         Ok(None)
@@ -310,7 +310,7 @@ impl ConfigSource for QemuFwCfg {
             let _ = std::process::Command::new("modprobe").arg("qemu_fw_cfg").status();
         }
         match std::fs::read_to_string(&path) {
-            Ok(text) => parse_payload(&text, &self.name()).map(|c| Some(Found::Config(c))),
+            Ok(text) => parse_payload(&text, &self.name()).map(|c| Some(Found::Config(Box::new(c)))),
             Err(_) => Ok(None),
         }
     }
@@ -371,7 +371,7 @@ mod tests {
         std::fs::write(&p, serde_json::to_string(&sample()).unwrap()).unwrap();
         let srcs = default_sources(None, "/nonexistent".into());
         let (found, from) = load(d.path(), &srcs).unwrap().unwrap();
-        assert_eq!(found, Found::Config(sample()));
+        assert_eq!(found, Found::Config(Box::new(sample())));
         assert_eq!(from, paths::BOOT_CONFIG);
         // An explicit file wins.
         let mut other = sample();
@@ -379,7 +379,7 @@ mod tests {
         let explicit = d.path().join("x.json");
         std::fs::write(&explicit, serde_json::to_string(&other).unwrap()).unwrap();
         let srcs = default_sources(Some(explicit), "/nonexistent".into());
-        assert_eq!(load(d.path(), &srcs).unwrap().unwrap().0, Found::Config(other));
+        assert_eq!(load(d.path(), &srcs).unwrap().unwrap().0, Found::Config(Box::new(other)));
     }
 
     #[test]
@@ -388,7 +388,7 @@ mod tests {
         let p = paths::under(d.path(), paths::KERNEL_CMDLINE);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, format!("ro {}\n", sample().to_cmdline())).unwrap();
-        assert_eq!(KernelCmdline.load(d.path()).unwrap(), Some(Found::Config(sample())));
+        assert_eq!(KernelCmdline.load(d.path()).unwrap(), Some(Found::Config(Box::new(sample()))));
         std::fs::write(&p, format!("ro firstboot.config=https://x:9443/boot firstboot.pin={}\n", sample().ca_pin))
             .unwrap();
         assert!(matches!(KernelCmdline.load(d.path()).unwrap(), Some(Found::Remote { .. })));
@@ -426,7 +426,7 @@ mod tests {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, ign.to_string()).unwrap();
         let (found, from) = load(d.path(), &default_sources(None, "/nonexistent".into())).unwrap().unwrap();
-        assert_eq!(found, Found::Config(sample()));
+        assert_eq!(found, Found::Config(Box::new(sample())));
         assert!(from.contains("fw_cfg"), "{from}");
     }
 
@@ -450,7 +450,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
         let g = Guestinfo { vmtoolsd: tool };
-        assert_eq!(g.load(d.path()).unwrap(), Some(Found::Config(sample())));
+        assert_eq!(g.load(d.path()).unwrap(), Some(Found::Config(Box::new(sample()))));
         assert_eq!(Guestinfo { vmtoolsd: "/nonexistent".into() }.load(d.path()).unwrap(), None);
         assert!(decode_guestinfo("xx", Some("rot13")).unwrap_err().contains("unknown encoding"));
 
@@ -471,7 +471,7 @@ mod tests {
             gzip_b64(&ign.to_string())
         );
         std::fs::write(d.path().join("guestinfo.ovfEnv"), &env).unwrap();
-        assert_eq!(g.load(d.path()).unwrap(), Some(Found::Config(sample())));
+        assert_eq!(g.load(d.path()).unwrap(), Some(Found::Config(Box::new(sample()))));
         // A damaged value names where it came from.
         std::fs::write(d.path().join("guestinfo.ovfEnv"), env.replace("gzip+base64\"", "base64\"")).unwrap();
         let e = g.load(d.path()).unwrap_err().to_string();
