@@ -16,7 +16,7 @@ fn dnsmasq_config_for_the_reference_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let (st, _) = state_with(dir.path(), |t| t);
     let run = |extra: &[&str]| {
-        Command::new(workspace_bin("imgbuild"))
+        Command::new(env!("CARGO_BIN_EXE_imgbuild"))
             .arg("--state")
             .arg(&st.root)
             .args(["pxe", "dnsmasq", "--interface", "br0"])

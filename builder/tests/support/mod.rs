@@ -203,17 +203,24 @@ impl RawTls {
     }
 }
 
-/// Path of a workspace binary, building it first if this test run did not.
+/// Path of a workspace binary, built (or found up to date) by cargo once per test process: a binary
+/// left in the target directory by an older checkout must never stand in for the current sources.
 pub fn workspace_bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
-    let bin = dir.join(name);
-    if !bin.exists() {
-        let st =
-            Command::new(env!("CARGO")).args(["build", "--bin", name]).current_dir(workspace_root()).status().unwrap();
+    let mut built = BUILT.lock().unwrap();
+    if !built.iter().any(|b| b == name) {
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "--locked", "--bin", name]).current_dir(workspace_root());
+        if dir.ends_with("release") {
+            cargo.arg("--release");
+        }
+        let st = cargo.status().unwrap();
         assert!(st.success(), "cargo build --bin {name}");
+        built.push(name.to_string());
     }
-    bin
+    dir.join(name)
 }
 
 /// `imgbuild serve` as a process (optionally inside a network namespace); killed on drop.
