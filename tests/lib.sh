@@ -60,7 +60,7 @@ ib_bake_inputs() {
   (
     cd "$ib_root"
     find images/debian-12.toml images/debian-12.lock manifests/image manifests/templates/boot.ipxe \
-      manifests/templates/ova.ovf builder/src/image -type f -print0 | sort -z | xargs -0 sha256sum
+      manifests/templates/ova.ovf builder/src/image builder/src/pxe.rs -type f -print0 | sort -z | xargs -0 sha256sum
     sha256sum "$FIRSTBOOT"
   ) | sha256sum | cut -c1-64
 }

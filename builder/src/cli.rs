@@ -123,6 +123,9 @@ pub struct DnsmasqArgs {
     /// Where the iPXE binaries are (Debian's ipxe package)
     #[arg(long, default_value = crate::pxe::DEBIAN_IPXE_DIR, value_name = "DIR")]
     pub tftp_root: String,
+    /// Ask the scripts for this root form (`?root=`) instead of the server's --boot-root
+    #[arg(long, value_enum, value_name = "FORM")]
+    pub root: Option<crate::pxe::PxeRoot>,
     /// Write here instead of stdout
     #[arg(long, short, value_name = "FILE")]
     pub out: Option<PathBuf>,
@@ -167,6 +170,9 @@ pub struct PayloadArgs {
     /// iPXE: base URL of the role's PXE set [default: http://<first server host>:8080/boot/<role>]
     #[arg(long, value_name = "URL")]
     pub boot_url: Option<String>,
+    /// For --format ipxe: how the kernel gets the root image
+    #[arg(long, value_enum, default_value_t)]
+    pub pxe_root: crate::pxe::PxeRoot,
 }
 
 /// `imgbuild serve`: options.
@@ -194,6 +200,9 @@ pub struct ServeArgs {
     /// Baked images to serve: DIR/<role>/pxe/ (the --out of the bakes)
     #[arg(long, value_name = "DIR")]
     pub boot_dir: Option<PathBuf>,
+    /// How the iPXE scripts' kernels get the root image (a script's `?root=` overrides it)
+    #[arg(long, value_enum, default_value_t, requires = "boot_dir")]
+    pub boot_root: crate::pxe::PxeRoot,
     /// Connections open at once, per listener; more are closed as they come
     #[arg(long, default_value_t = 4096, value_name = "N")]
     pub max_connections: usize,

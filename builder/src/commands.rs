@@ -251,7 +251,11 @@ pub fn serve(global: &Global, args: &crate::cli::ServeArgs) -> Result<()> {
         listen: args.listen,
         backend,
         audit_file: true,
-        boot: args.boot_listen.zip(args.boot_dir.clone()),
+        boot: args.boot_listen.zip(args.boot_dir.clone()).map(|(addr, dir)| crate::serve::boot::BootListen {
+            addr,
+            dir,
+            root: args.boot_root,
+        }),
         limits: crate::serve::conn::Limits {
             connections: args.max_connections,
             headers: std::time::Duration::from_secs(args.header_timeout),
@@ -549,7 +553,7 @@ pub fn payload(global: &Global, args: &crate::cli::PayloadArgs) -> Result<()> {
                 return Err(p::PayloadError::NoMac(args.node.clone().unwrap_or_default()).into());
             }
             let base = args.boot_url.clone().unwrap_or_else(|| p::default_boot_base(&cluster, args.role));
-            p::ipxe(&cfg, &cluster, &target, &base)
+            p::ipxe(&cfg, &cluster, &target, &base, args.pxe_root)
         }
     };
     match &args.out {
@@ -604,6 +608,7 @@ pub fn pxe_dnsmasq(global: &Global, args: &crate::cli::DnsmasqArgs) -> Result<()
         interface: args.interface.clone(),
         dynamic,
         tftp_root: args.tftp_root.clone(),
+        root: args.root,
     };
     let text = crate::pxe::dnsmasq(&cluster, &opts);
     match &args.out {

@@ -22,6 +22,7 @@ use time::OffsetDateTime;
 
 use crate::cluster::{Cluster, Node};
 use crate::pki::CaKind;
+use crate::pxe::PxeRoot;
 use crate::state::{State, StateError};
 use crate::templates;
 
@@ -318,13 +319,13 @@ pub fn payload_url(cluster: &Cluster, target: &Target<'_>) -> String {
     }
 }
 
-/// An iPXE script that boots the role's PXE set from `base` and hands the kernel the payload's
-/// location and the CA pin. `extra` goes on the kernel command line as well.
+/// An iPXE script that boots the role's PXE set from `base` (its root as `root` says) and hands
+/// the kernel the payload's location, the CA pin and the role's `spec.pxe.state`.
 #[expect(
     clippy::expect_used,
     reason = "an embedded template given every variable it uses; the payload tests render it"
 )]
-pub fn ipxe(cfg: &BootConfig, cluster: &Cluster, target: &Target<'_>, base: &str) -> String {
+pub fn ipxe(cfg: &BootConfig, cluster: &Cluster, target: &Target<'_>, base: &str, root: PxeRoot) -> String {
     let mut extra = String::new();
     if let Some(mac) = target.node.and_then(|n| n.mac.as_ref()) {
         extra.push_str(&format!(" firstboot.boot-mac={mac}"));
@@ -333,7 +334,8 @@ pub fn ipxe(cfg: &BootConfig, cluster: &Cluster, target: &Target<'_>, base: &str
         "payload.ipxe",
         json!({
             "what": target.describe(), "cluster": cluster.name, "base": base.trim_end_matches('/'),
-            "cmdline": crate::image::outputs::pxe_cmdline(), "payload_url": payload_url(cluster, target),
+            "cmdline": crate::pxe::cmdline(root, Some(cluster.pxe.state(target.role))),
+            "initrd_root": root == PxeRoot::Initrd, "payload_url": payload_url(cluster, target),
             "pin": cfg.ca_pin.to_string(), "extra": extra,
         }),
     )

@@ -1,4 +1,5 @@
-//! `imgbuild pxe dnsmasq`: a dnsmasq configuration for the nodes' network, so that PXE firmware
+//! PXE boots: the kernel command line of the PXE sets, where a node's root comes from
+//! ([`PxeRoot`]), and `imgbuild pxe dnsmasq`: a dnsmasq configuration for the nodes' network, so that PXE firmware
 //! chains to iPXE and iPXE to `imgbuild serve --boot-listen`'s scripts (see `serve::boot`): DHCP
 //! with the inventory's MACs and addresses (and, optionally, a dynamic range for machines that
 //! enroll by policy), the routers, DNS and NTP servers of the manifest, TFTP of Debian's iPXE
@@ -9,8 +10,47 @@ use std::net::Ipv4Addr;
 
 use serde_json::{Value, json};
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, PxeState};
 use crate::templates;
+
+/// How a PXE-booted kernel gets the root image and the firstboot layer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PxeRoot {
+    /// iPXE loads both into RAM with the kernel and the initramfs (`initrd rootfs.erofs
+    /// /rootfs.erofs`): the only network client is iPXE's
+    #[default]
+    Initrd,
+    /// The initramfs fetches both over HTTP with the kernel's own NIC driver
+    /// (`imgbuild.root=http://…`): firmware that is slow at large downloads (UEFI's network
+    /// stack) loads only the kernel and the initramfs
+    Http,
+}
+
+impl PxeRoot {
+    /// The word in `?root=` and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PxeRoot::Initrd => "initrd",
+            PxeRoot::Http => "http",
+        }
+    }
+}
+
+/// The kernel command line of a PXE boot. iPXE scripts set `base` to the PXE set's URL, which
+/// the HTTP form refers to as `${base}`; `BOOTIF` makes the initramfs configure the NIC that
+/// booted. `state` is the role's `spec.pxe.state` (none: the initramfs' default, RAM).
+pub fn cmdline(root: PxeRoot, state: Option<PxeState>) -> String {
+    let mut line = match root {
+        PxeRoot::Initrd => "boot=imgbuild imgbuild.root=/rootfs.erofs imgbuild.firstboot=/firstboot.erofs".to_string(),
+        PxeRoot::Http => "boot=imgbuild imgbuild.root=${base}/rootfs.erofs imgbuild.firstboot=${base}/firstboot.erofs \
+                          ip=dhcp BOOTIF=01-${netX/mac:hexhyp}"
+            .to_string(),
+    };
+    if let Some(state) = state {
+        line.push_str(&format!(" imgbuild.state={}", state.as_str()));
+    }
+    line + " console=tty0 console=ttyS0,115200 systemd.show_status=1"
+}
 
 /// Where Debian's `ipxe` package puts `undionly.kpxe` and `ipxe.efi`.
 pub const DEBIAN_IPXE_DIR: &str = "/usr/lib/ipxe";
@@ -25,6 +65,8 @@ pub struct DnsmasqOptions {
     pub dynamic: Option<(Ipv4Addr, Ipv4Addr)>,
     /// Where the iPXE binaries are (TFTP root).
     pub tftp_root: String,
+    /// The root form the scripts ask for (`?root=`); none: the server's `--boot-root`.
+    pub root: Option<PxeRoot>,
 }
 
 /// The configuration text.
@@ -68,6 +110,7 @@ pub fn dnsmasq(cluster: &Cluster, o: &DnsmasqOptions) -> String {
             "search": join(h.search_domains.clone()),
             "ntp": join(h.ntp_servers.iter().filter(|s| s.parse::<std::net::IpAddr>().is_ok()).cloned().collect()),
             "tftp_root": o.tftp_root,
+            "query": o.root.map(|r| format!("?root={}", r.as_str())).unwrap_or_default(),
         }),
     )
     .expect("dnsmasq template renders")

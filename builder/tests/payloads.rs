@@ -84,8 +84,11 @@ fn golden_payloads_and_their_consumers() {
             let e = payload::guestinfo(&ign, &cc, encoding, 100).unwrap_err();
             assert!(e.to_string().contains("over the 100-byte guestinfo limit"), "{e}");
         }
-        let ipxe = payload::ipxe(&cfg, &cluster, &target, "http://192.168.3.100:8080/boot/worker");
+        let base = "http://192.168.3.100:8080/boot/worker";
+        let ipxe = payload::ipxe(&cfg, &cluster, &target, base, imgbuild::pxe::PxeRoot::Initrd);
         golden(&format!("payload/{label}.ipxe"), &ipxe);
+        let http = payload::ipxe(&cfg, &cluster, &target, base, imgbuild::pxe::PxeRoot::Http);
+        golden(&format!("payload/{label}.http.ipxe"), &http);
         assert!(ipxe.contains(&format!("firstboot.pin={}", cfg.ca_pin)));
         let token = cfg.token.as_ref().unwrap().expose();
         assert!(!ipxe.contains(&token), "the iPXE script carries the payload's location, not its credential");
@@ -119,7 +122,7 @@ fn all_forms(st: &imgbuild::state::State, cluster: &Cluster) -> Vec<String> {
                     out.push(v);
                 }
             }
-            out.push(payload::ipxe(&cfg, cluster, &t, "http://x/boot"));
+            out.push(payload::ipxe(&cfg, cluster, &t, "http://x/boot", imgbuild::pxe::PxeRoot::Initrd));
             out.push(payload::config_json(&cfg));
             out.push(cc);
             out.push(
@@ -224,7 +227,11 @@ async fn pxe_scripts_files_and_a_payload_fetched_from_the_kernel_command_line() 
         listen: "127.0.0.1:0".parse().unwrap(),
         backend: Backend::Embedded,
         audit_file: false,
-        boot: Some(("127.0.0.1:0".parse().unwrap(), boot.clone())),
+        boot: Some(imgbuild::serve::boot::BootListen {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            dir: boot.clone(),
+            root: imgbuild::pxe::PxeRoot::Initrd,
+        }),
         limits: Default::default(),
     };
     let server = imgbuild::serve::start(&st, &o).await.unwrap();
@@ -245,6 +252,20 @@ async fn pxe_scripts_files_and_a_payload_fetched_from_the_kernel_command_line() 
     assert_eq!(get(format!("{http}/boot/mac/52:54:00:99:99:99.ipxe")).await.0, 404);
     let (code, role_script) = get(format!("{http}/boot/master.ipxe")).await;
     assert!(code == 200 && role_script.contains("/v1/payload/role/master"), "{role_script}");
+    // The roles' spec.pxe.state defaults: a master's state on disk, a worker's in RAM.
+    assert!(role_script.contains(" imgbuild.state=disk "), "{role_script}");
+    assert!(script.contains(" imgbuild.state=ram "), "{script}");
+    // The server's root form (initrd) unless the script's URL asks for the other.
+    assert!(script.contains("\ninitrd ${base}/rootfs.erofs /rootfs.erofs\n"), "{script}");
+    let (code, http_script) = get(format!("{http}/boot/mac/52-54-00-03-01-22.ipxe?root=http")).await;
+    assert_eq!(code, 200, "{http_script}");
+    assert!(
+        http_script.contains(" imgbuild.root=${base}/rootfs.erofs imgbuild.firstboot=${base}/firstboot.erofs ip=dhcp ")
+            && !http_script.contains("initrd ${base}/rootfs.erofs"),
+        "{http_script}"
+    );
+    let (code, body) = get(format!("{http}/boot/worker.ipxe?root=nfs")).await;
+    assert!(code == 400 && body.contains("root=nfs: expected initrd or http"), "{code} {body}");
 
     // firstboot, as a PXE-booted worker: the kernel command line says where the payload is.
     let url = format!("https://127.0.0.1:{}/v1/payload/node/k8s-worker2", server.addr.port());

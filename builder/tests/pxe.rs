@@ -43,6 +43,13 @@ fn dnsmasq_config_for_the_reference_cluster() {
     let check = Command::new(&dnsmasq).arg("--test").arg(format!("--conf-file={}", file.display())).output().unwrap();
     assert!(check.status.success(), "dnsmasq --test: {}", String::from_utf8_lossy(&check.stderr));
 
+    // --root http: every script URL asks for the HTTP root form.
+    let out = run(&["--dynamic-range", "192.168.3.150,192.168.3.199", "--root", "http"]);
+    let http = String::from_utf8(out.stdout).unwrap();
+    let scripts: Vec<&str> = http.lines().filter(|l| l.starts_with("dhcp-boot=tag:ipxe,")).collect();
+    assert_eq!(scripts.len(), 7, "{http}");
+    assert!(scripts.iter().all(|l| l.ends_with(".ipxe?root=http")), "{scripts:?}");
+
     // A dynamic range over an inventory address, or outside every node network: refused, named.
     for (range, want) in [
         ("192.168.3.100,192.168.3.130", "holds 192.168.3.111, the address of k8s-master1"),

@@ -42,8 +42,16 @@ pub struct RawSpec {
     pub hosts: RawHosts,
     #[serde(default)]
     pub components: RawComponents,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pxe: Option<RawPxe>,
     #[serde(default)]
     pub nodes: Vec<RawNode>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct RawPxe {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

@@ -32,6 +32,8 @@ pub struct Cluster {
     pub hosts: super::Hosts,
     /// Extra flags and configuration of the Kubernetes components.
     pub components: super::Components,
+    /// How nodes booted by PXE keep their state.
+    pub pxe: Pxe,
     /// The inventory: every node known in advance, in manifest order.
     pub nodes: Vec<Node>,
 }
@@ -153,6 +155,65 @@ impl EtcdTopology {
         match self {
             EtcdTopology::Stacked => "stacked",
             EtcdTopology::External => "external",
+        }
+    }
+}
+
+/// `spec.pxe`: what a node booted by PXE (no disk image) uses for its writable state (`/etc`'s
+/// upper layer, `/var`, `/root`), per role; it goes on the kernel command line of the role's
+/// iPXE scripts as `imgbuild.state=`, which the initramfs obeys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pxe {
+    /// `state.master`: never [`PxeState::Ram`] (etcd's member data lives in `/var`).
+    pub master: PxeState,
+    /// `state.worker`.
+    pub worker: PxeState,
+    /// `state.etcd`: never [`PxeState::Ram`].
+    pub etcd: PxeState,
+}
+
+impl Pxe {
+    /// The state of a role's PXE boots.
+    pub fn state(&self, role: Role) -> PxeState {
+        match role {
+            Role::Master => self.master,
+            Role::Worker => self.worker,
+            Role::Etcd => self.etcd,
+        }
+    }
+}
+
+impl Default for Pxe {
+    /// Roles with an etcd member keep it on disk; workers keep their state in RAM unless a disk
+    /// is labelled for it.
+    fn default() -> Self {
+        Pxe { master: PxeState::Disk, worker: PxeState::Ram, etcd: PxeState::Disk }
+    }
+}
+
+/// Where a PXE-booted node's writable state lives. Every mode uses the partition labelled
+/// `imgbuild-state` when there is one (a disk image's, or one made by an earlier boot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PxeState {
+    /// `disk`: without the labelled partition, one is made on the first empty disk (no partition
+    /// table, no file system signature); with neither, the boot stops with the reason.
+    Disk,
+    /// `label`: only the labelled partition; no disk is ever formatted; without it the boot stops.
+    Label,
+    /// `ram`: without the labelled partition, RAM (lost at every reboot).
+    Ram,
+}
+
+impl PxeState {
+    /// Every mode, in the manifest's words.
+    pub const ALL: [PxeState; 3] = [PxeState::Disk, PxeState::Label, PxeState::Ram];
+
+    /// The manifest's and the kernel command line's word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PxeState::Disk => "disk",
+            PxeState::Label => "label",
+            PxeState::Ram => "ram",
         }
     }
 }
@@ -456,6 +517,11 @@ impl Cluster {
                 },
                 hosts: self.hosts.to_raw(),
                 components: self.components.to_raw(),
+                pxe: Some(RawPxe {
+                    state: Some(
+                        Role::ALL.iter().map(|&r| (r.to_string(), self.pxe.state(r).as_str().to_string())).collect(),
+                    ),
+                }),
                 pki: RawPki {
                     key_algorithm: Some(self.pki.key_algorithm.as_str().into()),
                     ca_validity: Some(format_duration(self.pki.ca_validity)),

@@ -116,6 +116,39 @@ fn pod_network(c: &mut Checker, raw: &raw::RawPodNetwork) -> Option<PodNetwork> 
     }
 }
 
+/// `spec.pxe`: each role's state mode; roles that run an etcd member never keep it in RAM.
+fn pxe(c: &mut Checker, raw: Option<&raw::RawPxe>) -> Pxe {
+    let mut pxe = Pxe::default();
+    for (key, value) in raw.and_then(|r| r.state.as_ref()).into_iter().flatten() {
+        let path = format!("spec.pxe.state.{key}");
+        let path = path.as_str();
+        let Ok(role) = key.parse::<Role>() else {
+            c.bad(path, Some(key), "not a role: master, worker, etcd");
+            continue;
+        };
+        let Some(mode) = PxeState::ALL.into_iter().find(|m| m.as_str() == value) else {
+            c.bad(path, Some(value), "must be disk (the labelled partition, else one made on the first empty disk), label (only the labelled partition) or ram");
+            continue;
+        };
+        if mode == PxeState::Ram && role != Role::Worker {
+            c.bad(
+                path,
+                Some(value),
+                format!(
+                    "a {role} keeps etcd's member data in its state, which RAM loses at every reboot: use disk or label"
+                ),
+            );
+            continue;
+        }
+        match role {
+            Role::Master => pxe.master = mode,
+            Role::Worker => pxe.worker = mode,
+            Role::Etcd => pxe.etcd = mode,
+        }
+    }
+    pxe
+}
+
 /// A BGP AS number: 1 to 4294967294, not one RFC 7300 and RFC 6793 reserve.
 fn asn(s: &Scalar) -> Result<u32, String> {
     let v = int(s, 1, 4_294_967_294)
@@ -331,6 +364,7 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
     // --- hosts and components ---------------------------------------------------------------------
     let hosts = super::hosts::hosts(&mut c, &spec.hosts);
     let components = super::hosts::components(&mut c, &spec.components);
+    let pxe = pxe(&mut c, spec.pxe.as_ref());
 
     // --- nodes ----------------------------------------------------------------------------------
     let mut nodes = Vec::new();
@@ -485,6 +519,7 @@ pub fn validate(raw: &RawCluster) -> Result<Cluster, Vec<Found>> {
         pki: PkiSettings { key_algorithm, ca_validity, cert_validity },
         hosts,
         components,
+        pxe,
         nodes,
     })
 }

@@ -14,13 +14,6 @@ use crate::digest::sha256_file;
 use crate::progress::{self, Unit};
 use crate::{templates, tools};
 
-/// The PXE kernel command line (the root image comes as an initrd: RAM mode).
-pub fn pxe_cmdline() -> String {
-    "boot=imgbuild imgbuild.root=/rootfs.erofs imgbuild.firstboot=/firstboot.erofs console=tty0 \
-     console=ttyS0,115200 systemd.show_status=1"
-        .into()
-}
-
 /// The files of a PXE set, as `pxe/` holds them and `imgbuild serve` serves them.
 pub const PXE_FILES: [&str; 5] = ["vmlinuz", "initrd.img", "rootfs.erofs", "firstboot.erofs", "boot.ipxe"];
 
@@ -40,8 +33,11 @@ pub fn pxe(
     for (src, name) in [(rootfs, "rootfs.erofs"), (firstboot, "firstboot.erofs")] {
         link_or_copy(src, &dir.join(name)).at(dir.join(name))?;
     }
-    let script = templates::render("boot.ipxe", json!({"role": role, "image": def.name, "cmdline": pxe_cmdline()}))
-        .map_err(|e| BakeError::Output(format!("boot.ipxe: {e:#}")))?;
+    let script = templates::render(
+        "boot.ipxe",
+        json!({"role": role, "image": def.name, "cmdline": crate::pxe::cmdline(crate::pxe::PxeRoot::Initrd, None)}),
+    )
+    .map_err(|e| BakeError::Output(format!("boot.ipxe: {e:#}")))?;
     std::fs::write(dir.join("boot.ipxe"), script).at(dir.join("boot.ipxe"))
 }
 

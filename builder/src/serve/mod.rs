@@ -53,7 +53,7 @@ pub struct ServeOptions {
     /// Write the audit log to `audit.log` in the state dir (off in benchmarks).
     pub audit_file: bool,
     /// Serve PXE sets and iPXE scripts over plain HTTP on this address, from this directory.
-    pub boot: Option<(SocketAddr, std::path::PathBuf)>,
+    pub boot: Option<boot::BootListen>,
     /// Connection, time and rate limits.
     pub limits: conn::Limits,
 }
@@ -137,11 +137,12 @@ pub async fn start(state: &State, opts: &ServeOptions) -> Result<Running> {
     let mut tasks = Vec::new();
     let boot_addr = match &opts.boot {
         None => None,
-        Some((listen, dir)) => {
-            let l = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+        Some(b) => {
+            let l = TcpListener::bind(b.addr).await.with_context(|| format!("cannot listen on {}", b.addr))?;
             let a = l.local_addr()?;
-            tracing::info!("PXE boot files on http://{a} from {}", dir.display());
-            let router = boot::router(Arc::new(boot::BootFiles { app: app.clone(), dir: dir.clone() }));
+            tracing::info!("PXE boot files on http://{a} from {} (root: {})", b.dir.display(), b.root.as_str());
+            let files = boot::BootFiles { app: app.clone(), dir: b.dir.clone(), root: b.root };
+            let router = boot::router(Arc::new(files));
             let peer = |remote: SocketAddr, _: Option<&rustls::ServerConnection>| remote;
             tasks.push(tokio::spawn(conn::serve(l, None, router, opts.limits, peer, stop.clone())));
             Some(a)

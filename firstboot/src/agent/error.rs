@@ -34,6 +34,18 @@ pub enum PhaseError {
         /// The role the payload is for.
         payload: Role,
     },
+    /// Identify: a role with an etcd member would keep its state (and so etcd's data) in RAM.
+    #[error(
+        "this {role}'s /var, where etcd keeps its member data, is in RAM ({fstype}): it would be lost at \
+         every reboot. Boot it from a disk image, or by PXE with imgbuild.state=disk (spec.pxe.state.{role}: \
+         disk, the default) and a disk for its state"
+    )]
+    StateInRam {
+        /// The payload's role.
+        role: Role,
+        /// The file system /var is on.
+        fstype: String,
+    },
     /// Identify: a payload fetched from the kernel command line's URL is not to be trusted.
     #[error("the payload from {url} {reason}")]
     InsecurePayload {
@@ -108,6 +120,7 @@ impl PhaseError {
             PhaseError::NoPayload(_) => "no-payload",
             PhaseError::Payload(_) => "bad-payload",
             PhaseError::RoleMismatch { .. } => "role-mismatch",
+            PhaseError::StateInRam { .. } => "state-in-ram",
             PhaseError::InsecurePayload { .. } => "insecure-payload",
             PhaseError::Setup(_) => "client-setup",
             PhaseError::Call { error, .. } => match error {

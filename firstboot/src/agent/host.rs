@@ -158,21 +158,28 @@ impl Host for RealHost {
     }
 }
 
+/// The file system of the mount in effect on `path` when it is one (the last mount on a path is
+/// the one in effect), from `/proc/self/mounts`.
+fn mounted_fstype(path: &Path) -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    let target = path.to_string_lossy();
+    mounts.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&target.as_ref())).then(|| f.get(2).map(|t| t.to_string())).flatten()
+    })
+}
+
+/// When `root`'s `/var` is a mount of a file system that lives in RAM (a PXE boot's state with no
+/// disk for it: the initramfs's tmpfs `imgbuild-state`), that file system's type.
+pub fn state_in_ram(root: &Path) -> Option<String> {
+    mounted_fstype(&paths::under(root, "/var")).filter(|t| t == "tmpfs" || t == "ramfs")
+}
+
 /// How the tree at `root` is mounted, as the node reports it: the file system of `/` and
 /// whether it refuses writes (an immutable image's root must), tried for real with a probe file
 /// in `/usr`.
 pub fn root_layout(root: &Path) -> String {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let target = root.to_string_lossy();
-    // The last mount on a path is the one in effect.
-    let fstype = mounts
-        .lines()
-        .rev()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(1) == Some(&target.as_ref())).then(|| f.get(2).map(|t| t.to_string())).flatten()
-        })
-        .unwrap_or_else(|| "unknown".into());
+    let fstype = mounted_fstype(root).unwrap_or_else(|| "unknown".into());
     let probe = paths::under(root, "/usr/.firstboot-write-probe");
     let writes = match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
         Ok(_) => {
@@ -233,5 +240,24 @@ impl Host for Recorder {
     fn mount_data_disk(&mut self, disk: &DataDisk) -> Result<(), HostError> {
         self.note(format!("mount LABEL={} {} ({})", disk.label, disk.mount_point, disk.fstype));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The check firstboot makes before a master or etcd node enrolls: a real tmpfs on `/var`
+    /// (as a diskless PXE boot's initramfs mounts it) is seen, a plain directory is not.
+    #[test]
+    fn state_in_ram_sees_a_tmpfs_on_var() {
+        let root = tempfile::tempdir().unwrap();
+        let var = root.path().join("var");
+        std::fs::create_dir(&var).unwrap();
+        assert_eq!(state_in_ram(root.path()), None);
+        let mount = sys_mount::Mount::builder().fstype("tmpfs").mount("imgbuild-state", &var).unwrap();
+        assert_eq!(state_in_ram(root.path()).as_deref(), Some("tmpfs"));
+        sys_mount::Unmount::unmount(&mount, sys_mount::UnmountFlags::DETACH).unwrap();
+        assert_eq!(state_in_ram(root.path()), None);
     }
 }

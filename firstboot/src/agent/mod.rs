@@ -390,6 +390,11 @@ impl<H: Host, S: Systemd> Agent<H, S> {
                 return Err(PhaseError::RoleMismatch { image: i.role, payload: config.role });
             }
         }
+        if config.role != proto::Role::Worker {
+            if let Some(fstype) = host::state_in_ram(&root) {
+                return Err(PhaseError::StateInRam { role: config.role, fstype });
+            }
+        }
         if let Some(net) = &config.network {
             self.static_network(net).await?;
         }
