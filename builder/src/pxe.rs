@@ -1,10 +1,11 @@
 //! PXE boots: the kernel command line of the PXE sets, where a node's root comes from
-//! ([`PxeRoot`]), and `imgbuild pxe dnsmasq`: a dnsmasq configuration for the nodes' network, so that PXE firmware
-//! chains to iPXE and iPXE to `imgbuild serve --boot-listen`'s scripts (see `serve::boot`): DHCP
-//! with the inventory's MACs and addresses (and, optionally, a dynamic range for machines that
-//! enroll by policy), the routers, DNS and NTP servers of the manifest, TFTP of Debian's iPXE
-//! builds for BIOS and UEFI firmware, and per-node iPXE scripts by MAC. No credential is in any
-//! of it: PXE-booted machines enroll with the operator's approval (docs/security.md).
+//! ([`PxeRoot`]), and `imgbuild pxe dnsmasq`: a dnsmasq configuration for the nodes' network, so
+//! that PXE firmware chains to iPXE and iPXE to `imgbuild serve --boot-listen`'s scripts (see
+//! `serve::boot`): DHCP with the inventory's MACs and addresses (and, optionally, a dynamic range
+//! for machines that enroll by policy), the routers, DNS and NTP servers of the manifest, TFTP
+//! of Debian's iPXE builds for BIOS and UEFI firmware, and per-node iPXE scripts by MAC. No
+//! credential is in any of it: PXE-booted machines enroll with the operator's approval
+//! (docs/security.md).
 
 use std::net::Ipv4Addr;
 
@@ -27,7 +28,7 @@ pub enum PxeRoot {
 }
 
 impl PxeRoot {
-    /// The word in `?root=` and on the command line.
+    /// The word in `?root=`, `--boot-root` and `--root`.
     pub fn as_str(self) -> &'static str {
         match self {
             PxeRoot::Initrd => "initrd",
