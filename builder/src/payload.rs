@@ -330,12 +330,14 @@ pub fn ipxe(cfg: &BootConfig, cluster: &Cluster, target: &Target<'_>, base: &str
     if let Some(mac) = target.node.and_then(|n| n.mac.as_ref()) {
         extra.push_str(&format!(" firstboot.boot-mac={mac}"));
     }
+    let initrds = crate::pxe::initrds(root);
+    let initrd_args = initrds.iter().map(|f| format!("initrd={f}")).collect::<Vec<_>>().join(" ");
     templates::render(
         "payload.ipxe",
         json!({
             "what": target.describe(), "cluster": cluster.name, "base": base.trim_end_matches('/'),
-            "cmdline": crate::pxe::cmdline(root, Some(cluster.pxe.state(target.role))),
-            "initrd_root": root == PxeRoot::Initrd, "payload_url": payload_url(cluster, target),
+            "cmdline": format!("{} {}", initrd_args, crate::pxe::cmdline(root, Some(cluster.pxe.state(target.role)))),
+            "initrds": initrds, "payload_url": payload_url(cluster, target),
             "pin": cfg.ca_pin.to_string(), "extra": extra,
         }),
     )

@@ -17,8 +17,8 @@ use crate::templates;
 /// How a PXE-booted kernel gets the root image and the firstboot layer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum PxeRoot {
-    /// iPXE loads both into RAM with the kernel and the initramfs (`initrd rootfs.erofs
-    /// /rootfs.erofs`): the only network client is iPXE's
+    /// iPXE loads both into RAM with the kernel and the initramfs, as cpio archives
+    /// ([`initrds`]): the only network client is iPXE's
     #[default]
     Initrd,
     /// The initramfs fetches both over HTTP with the kernel's own NIC driver
@@ -51,6 +51,69 @@ pub fn cmdline(root: PxeRoot, state: Option<PxeState>) -> String {
         line.push_str(&format!(" imgbuild.state={}", state.as_str()));
     }
     line + " console=tty0 console=ttyS0,115200 systemd.show_status=1"
+}
+
+/// The files an iPXE script loads after the kernel, by the names the kernel command line gives
+/// them (`initrd=NAME`, one per file): the initramfs, and in the initrd form the root image and
+/// the firstboot layer, each as a cpio archive of one file that `imgbuild serve` wraps around the
+/// image ([`Newc`]). Whatever the firmware, every iPXE hands them over: on BIOS iPXE concatenates
+/// them after the kernel; UEFI iPXE builds before 2023 (Debian 12's is from 2019) only expose
+/// them as files named after the URL, which the kernel's EFI stub reads by the `initrd=`
+/// arguments and does not unwrap, and newer ones serve them through the initrd media device path
+/// (the stub then ignores `initrd=`).
+pub fn initrds(root: PxeRoot) -> &'static [&'static str] {
+    match root {
+        PxeRoot::Initrd => &["initrd.img", "rootfs.erofs.cpio", "firstboot.erofs.cpio"],
+        PxeRoot::Http => &["initrd.img"],
+    }
+}
+
+/// A cpio archive (`newc`, as the kernel unpacks initramfs) of one regular file, made around
+/// the file's bytes without copying them: `head`, the file, `tail`.
+#[derive(Debug)]
+pub struct Newc {
+    /// The file's header and name, padded to 4 bytes.
+    pub head: Vec<u8>,
+    /// The file's length.
+    pub size: u64,
+    /// The padding after the file and the trailer entry.
+    pub tail: Vec<u8>,
+}
+
+impl Newc {
+    /// The archive of `name` with `size` bytes, or `None` when the size does not fit the
+    /// format's 32-bit field (4 GiB).
+    pub fn new(name: &str, size: u64) -> Option<Newc> {
+        let head = newc_header(1, 0o100_444, u32::try_from(size).ok()?, name);
+        let mut tail = vec![0; pad4(size)];
+        tail.append(&mut newc_header(0, 0, 0, "TRAILER!!!"));
+        Some(Newc { head, size, tail })
+    }
+
+    /// The archive's length.
+    pub fn archive_len(&self) -> u64 {
+        self.head.len() as u64 + self.size + self.tail.len() as u64
+    }
+}
+
+/// Zero bytes that pad `n` bytes to a multiple of 4.
+fn pad4(n: u64) -> usize {
+    ((4 - n % 4) % 4) as usize
+}
+
+/// One `newc` entry's header (magic, 13 hex fields) and NUL-terminated name, padded.
+fn newc_header(ino: u32, mode: u32, size: u32, name: &str) -> Vec<u8> {
+    let nlink = u32::from(mode != 0);
+    let namesize = name.len() + 1;
+    let fields = [ino, mode, 0, 0, nlink, 0, size, 0, 0, 0, 0, namesize as u32, 0];
+    let mut h = b"070701".to_vec();
+    for f in fields {
+        h.extend_from_slice(format!("{f:08X}").as_bytes());
+    }
+    h.extend_from_slice(name.as_bytes());
+    h.push(0);
+    h.resize(h.len() + pad4(h.len() as u64), 0);
+    h
 }
 
 /// Where Debian's `ipxe` package puts `undionly.kpxe` and `ipxe.efi`.

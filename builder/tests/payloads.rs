@@ -256,14 +256,32 @@ async fn pxe_scripts_files_and_a_payload_fetched_from_the_kernel_command_line() 
     assert!(role_script.contains(" imgbuild.state=disk "), "{role_script}");
     assert!(script.contains(" imgbuild.state=ram "), "{script}");
     // The server's root form (initrd) unless the script's URL asks for the other.
-    assert!(script.contains("\ninitrd ${base}/rootfs.erofs /rootfs.erofs\n"), "{script}");
+    // Each loaded file named on the command line too, for UEFI iPXE builds that only expose
+    // them as files to the kernel's EFI stub.
+    assert!(script.contains("\ninitrd ${base}/rootfs.erofs.cpio\n"), "{script}");
+    assert!(
+        script.contains(" initrd=initrd.img initrd=rootfs.erofs.cpio initrd=firstboot.erofs.cpio boot=imgbuild "),
+        "{script}"
+    );
     let (code, http_script) = get(format!("{http}/boot/mac/52-54-00-03-01-22.ipxe?root=http")).await;
     assert_eq!(code, 200, "{http_script}");
     assert!(
         http_script.contains(" imgbuild.root=${base}/rootfs.erofs imgbuild.firstboot=${base}/firstboot.erofs ip=dhcp ")
+            && http_script.contains("vmlinuz initrd=initrd.img boot=imgbuild ")
             && !http_script.contains("initrd ${base}/rootfs.erofs"),
         "{http_script}"
     );
+    // The images wrapped in a cpio archive as they go out: cpio itself unpacks the same bytes.
+    let image: Vec<u8> = (0..1_000_003u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(boot.join("worker/pxe/rootfs.erofs"), &image).unwrap();
+    let r = reqwest::get(format!("{http}/boot/worker/rootfs.erofs.cpio")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let len: u64 = r.headers()[reqwest::header::CONTENT_LENGTH].to_str().unwrap().parse().unwrap();
+    let archive = r.bytes().await.unwrap();
+    assert_eq!(archive.len() as u64, len);
+    assert_eq!(cpio_extract(&archive, "rootfs.erofs"), image);
+    assert_eq!(get(format!("{http}/boot/worker/firstboot.erofs.cpio")).await.0, 404);
+    assert_eq!(get(format!("{http}/boot/worker/vmlinuz.cpio")).await.0, 404);
     let (code, body) = get(format!("{http}/boot/worker.ipxe?root=nfs")).await;
     assert!(code == 400 && body.contains("root=nfs: expected initrd or http"), "{code} {body}");
 
@@ -312,4 +330,24 @@ async fn pxe_scripts_files_and_a_payload_fetched_from_the_kernel_command_line() 
     // Enrolling goes to 192.168.3.100, which this test does not run: that fails, after identify.
     assert!(r.is_err());
     server.shutdown().await;
+}
+
+/// The one file `name` that GNU cpio unpacks from a newc `archive`, checking that it holds
+/// nothing else.
+fn cpio_extract(archive: &[u8], name: &str) -> Vec<u8> {
+    use std::io::Write;
+    let cpio = require_tool("cpio", "cpio");
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(cpio)
+        .args(["-i", "--quiet", "--no-absolute-filenames", "-H", "newc"])
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(archive).unwrap();
+    assert!(child.wait().unwrap().success(), "cpio could not unpack the archive");
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, [name], "the archive's files");
+    assert_eq!(archive.len() % 4, 0, "a newc archive's length is a multiple of 4");
+    std::fs::read(dir.path().join(name)).unwrap()
 }

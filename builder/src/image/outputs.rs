@@ -30,6 +30,16 @@ pub fn pxe(
     for f in ["vmlinuz", "initrd.img"] {
         std::fs::copy(tree.join(f), dir.join(f)).at(dir.join(f))?;
     }
+    // The kernel's EFI stub joins the files of its initrd= arguments as they are (pxe::initrds),
+    // and the kernel reads a cpio archive after the initramfs only at a multiple of 4 bytes; it
+    // skips zeros after a compressed archive.
+    let initrd = dir.join("initrd.img");
+    let len = std::fs::metadata(&initrd).at(&initrd)?.len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&initrd)
+        .and_then(|f| f.set_len(len.next_multiple_of(4)))
+        .at(&initrd)?;
     for (src, name) in [(rootfs, "rootfs.erofs"), (firstboot, "firstboot.erofs")] {
         link_or_copy(src, &dir.join(name)).at(dir.join(name))?;
     }

@@ -17,6 +17,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use futures_util::StreamExt;
 use proto::Role;
 
 use super::api::App;
@@ -76,22 +77,43 @@ fn not_found(what: String) -> Response {
 }
 
 async fn file(State(b): State<Arc<BootFiles>>, Path((role, name)): Path<(String, String)>) -> Response {
-    if role.parse::<Role>().is_err() || !crate::image::outputs::PXE_FILES.contains(&name.as_str()) {
+    // `rootfs.erofs.cpio`: the image wrapped in a cpio archive on the way out (pxe::initrds).
+    let (file, wrap) = match name.strip_suffix(".cpio") {
+        Some(image @ ("rootfs.erofs" | "firstboot.erofs")) => (image, true),
+        _ => (name.as_str(), false),
+    };
+    if role.parse::<Role>().is_err() || !crate::image::outputs::PXE_FILES.contains(&file) {
         return not_found(format!("no {role}/{name}"));
     }
-    let path = b.dir.join(&role).join("pxe").join(&name);
-    match tokio::fs::File::open(&path).await {
-        Ok(f) => {
-            let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
-            let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20));
-            (
-                [(header::CONTENT_LENGTH, len.to_string()), (header::CONTENT_TYPE, "application/octet-stream".into())],
-                body,
-            )
-                .into_response()
+    let path = b.dir.join(&role).join("pxe").join(file);
+    let (f, size) = match tokio::fs::File::open(&path).await {
+        Ok(f) => match f.metadata().await {
+            Ok(m) => (f, m.len()),
+            Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{}: {e}\n", path.display())).into_response(),
+        },
+        Err(_) => {
+            return not_found(format!(
+                "{} is not there: bake the {role} image into {}",
+                path.display(),
+                b.dir.display()
+            ));
         }
-        Err(_) => not_found(format!("{} is not there: bake the {role} image into {}", path.display(), b.dir.display())),
-    }
+    };
+    let stream = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20);
+    let (len, body) = if wrap {
+        let Some(cpio) = crate::pxe::Newc::new(file, size) else {
+            let msg = format!("{}: {size} bytes is more than a cpio archive holds (4 GiB)\n", path.display());
+            return (StatusCode::INTERNAL_SERVER_ERROR, msg).into_response();
+        };
+        let len = cpio.archive_len();
+        let part =
+            |b: Vec<u8>| futures_util::stream::once(async { Ok::<_, std::io::Error>(axum::body::Bytes::from(b)) });
+        (len, Body::from_stream(part(cpio.head).chain(stream).chain(part(cpio.tail))))
+    } else {
+        (size, Body::from_stream(stream))
+    };
+    ([(header::CONTENT_LENGTH, len.to_string()), (header::CONTENT_TYPE, "application/octet-stream".into())], body)
+        .into_response()
 }
 
 fn script(b: &BootFiles, headers: &HeaderMap, query: &ScriptQuery, target: Target<'_>) -> Response {
