@@ -58,7 +58,8 @@ fn image_exit_code(cause: &(dyn std::error::Error + 'static)) -> Option<u8> {
     // BakeError's wrapping variants are transparent: the wrapped error is not a cause of its own.
     match cause.downcast_ref::<BakeError>()? {
         BakeError::Definition(_) | BakeError::Role { .. } | BakeError::Version { .. } => Some(exit::INVALID_INPUT),
-        BakeError::Tool { .. } | BakeError::Firstboot(_) => Some(exit::MISSING),
+        // A tool that is not there is missing; one that ran and failed (a full disk) is an error.
+        BakeError::Tool(crate::tools::ToolError::Missing { .. }) | BakeError::Firstboot(_) => Some(exit::MISSING),
         BakeError::Cache(_) | BakeError::Lock(LockError::Cache(_) | LockError::Unreachable { .. }) => Some(exit::FETCH),
         _ => None,
     }

@@ -82,12 +82,17 @@ pub fn check_all() -> Result<(), ToolError> {
     for (tool, _) in TOOLS {
         require(tool)?;
     }
-    if !Path::new("/usr/lib/grub/x86_64-efi/linux.mod").exists() {
-        return Err(ToolError::Missing {
-            tool: "GRUB EFI modules".into(),
-            package: "grub-efi-amd64-bin".into(),
-            reason: "no /usr/lib/grub/x86_64-efi".into(),
-        });
+    // The disks boot on UEFI and on legacy BIOS: GRUB's modules for both platforms.
+    for (platform, what, package) in
+        [("x86_64-efi", "GRUB EFI modules", "grub-efi-amd64-bin"), ("i386-pc", "GRUB BIOS modules", "grub-pc-bin")]
+    {
+        if !Path::new("/usr/lib/grub").join(platform).join("linux.mod").exists() {
+            return Err(ToolError::Missing {
+                tool: what.into(),
+                package: package.into(),
+                reason: format!("no /usr/lib/grub/{platform}"),
+            });
+        }
     }
     Ok(())
 }

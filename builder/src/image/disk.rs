@@ -20,6 +20,14 @@ const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 /// "Root Partition (x86-64)" of the Discoverable Partitions Specification.
 const ROOT_TYPE: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
 const DATA_TYPE: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+/// "BIOS boot partition": GRUB's i386-pc core image, read by the boot code in the protective MBR.
+const BIOS_BOOT_TYPE: &str = "21686148-6449-6E6F-744E-656564454649";
+/// The BIOS boot partition fills the gap between the GPT's entries (LBA 2-33) and the first
+/// partition at 1 MiB, so the other partitions keep their places and numbers.
+const BIOS_BOOT_START: u64 = 34;
+const BIOS_BOOT_SECTORS: u64 = 2048 - BIOS_BOOT_START;
+/// Its GPT partition number: after the four file systems.
+const BIOS_BOOT_NUMBER: usize = 5;
 /// The partition name of the firstboot layer's erofs.
 pub const FIRSTBOOT_LABEL: &str = "imgbuild-firstboot";
 
@@ -36,6 +44,8 @@ pub struct Ids {
     pub firstboot: String,
     /// The state partition's GUID.
     pub state: String,
+    /// The BIOS boot partition's GUID.
+    pub bios: String,
     /// The root erofs's UUID.
     pub root_fs: String,
     /// The firstboot layer erofs's UUID.
@@ -65,6 +75,7 @@ impl Ids {
             root: uuid(&format!("{seed}/root")),
             firstboot: uuid(&format!("{seed}/firstboot")),
             state: uuid(&format!("{seed}/state")),
+            bios: uuid(&format!("{seed}/bios")),
             root_fs: uuid(&format!("{seed}/root-fs")),
             firstboot_fs: uuid(&format!("{seed}/firstboot-fs")),
             state_fs: uuid(&format!("{seed}/state-fs")),
@@ -112,41 +123,66 @@ fn round_up(n: u64, to: u64) -> u64 {
     n.div_ceil(to) * to
 }
 
-/// The EFI system partition: GRUB (config built in), the kernel and the initramfs.
-pub fn esp(tree: &Path, work: &Path, out: &Path, ids: &Ids, cmdline: &str, epoch: i64) -> Result<u64, BakeError> {
-    let stage = work.join("esp");
-    let boot = stage.join("EFI/BOOT");
-    std::fs::create_dir_all(&boot).at(&boot)?;
+/// GRUB's modules of both boot loaders: the configuration below finds the ESP by its UUID and
+/// boots the kernel and initramfs on it.
+const GRUB_MODULES: [&str; 9] =
+    ["part_gpt", "fat", "search", "search_fs_uuid", "linux", "normal", "echo", "serial", "terminal"];
+
+/// One GRUB image with the boot configuration built in (`-c`): `x86_64-efi` for the ESP's
+/// `BOOTX64.EFI`, `i386-pc` for the BIOS boot partition's core image.
+fn grub_image(format: &str, cfg: &Path, extra: &[&str], out: &Path) -> Result<(), BakeError> {
+    run(
+        Command::new("grub-mkimage")
+            .args(["-O", format, "-p", "/EFI/BOOT", "-o"])
+            .arg(out)
+            .arg("-c")
+            .arg(cfg)
+            .args(GRUB_MODULES)
+            .args(extra),
+        "grub-mkimage",
+    )?;
+    Ok(())
+}
+
+/// The boot configuration both GRUBs carry.
+fn grub_config(work: &Path, ids: &Ids, cmdline: &str) -> Result<std::path::PathBuf, BakeError> {
     let cfg = work.join("grub-early.cfg");
     std::fs::write(
         &cfg,
         format!(
-            "set timeout=0\nsearch --no-floppy --fs-uuid --set=root {}\nlinux /vmlinuz {cmdline}\ninitrd /initrd.img\nboot\n",
+            "set timeout=0\nserial --unit=0 --speed=115200\nterminal_output console serial\n\
+             search --no-floppy --fs-uuid --set=root {}\nlinux /vmlinuz {cmdline}\ninitrd /initrd.img\nboot\n",
             ids.esp_fs_uuid()
         ),
     )
     .at(&cfg)?;
-    run(
-        Command::new("grub-mkimage")
-            .args(["-O", "x86_64-efi", "-p", "/EFI/BOOT", "-o"])
-            .arg(boot.join("BOOTX64.EFI"))
-            .arg("-c")
-            .arg(&cfg)
-            .args([
-                "part_gpt",
-                "fat",
-                "search",
-                "search_fs_uuid",
-                "linux",
-                "normal",
-                "echo",
-                "efi_gop",
-                "efi_uga",
-                "serial",
-                "terminal",
-            ]),
-        "grub-mkimage",
-    )?;
+    Ok(cfg)
+}
+
+/// The EFI system partition: GRUB (config built in), the kernel and the initramfs; and, for
+/// legacy BIOS, GRUB's i386-pc core image with the same configuration in `bios_core`.
+pub fn esp(
+    tree: &Path,
+    work: &Path,
+    out: &Path,
+    bios_core: &Path,
+    ids: &Ids,
+    cmdline: &str,
+    epoch: i64,
+) -> Result<u64, BakeError> {
+    let stage = work.join("esp");
+    let boot = stage.join("EFI/BOOT");
+    std::fs::create_dir_all(&boot).at(&boot)?;
+    let cfg = grub_config(work, ids, cmdline)?;
+    grub_image("x86_64-efi", &cfg, &["efi_gop", "efi_uga"], &boot.join("BOOTX64.EFI"))?;
+    grub_image("i386-pc", &cfg, &["biosdisk"], bios_core)?;
+    let core = std::fs::metadata(bios_core).at(bios_core)?.len();
+    if core > BIOS_BOOT_SECTORS * 512 {
+        return Err(BakeError::Output(format!(
+            "GRUB's BIOS core image is {core} bytes, more than the {} of the BIOS boot partition",
+            BIOS_BOOT_SECTORS * 512
+        )));
+    }
     for f in ["vmlinuz", "initrd.img"] {
         std::fs::copy(tree.join(f), stage.join(f)).at(tree.join(f))?;
     }
@@ -163,11 +199,12 @@ pub fn esp(tree: &Path, work: &Path, out: &Path, ids: &Ids, cmdline: &str, epoch
     run(
         Command::new("mkfs.vfat")
             .env("SOURCE_DATE_EPOCH", epoch.to_string())
-            .args(["-C", "-F", "32", "-n", "ESP", "-i", &ids.esp_volid, "--invariant"])
+            .args(["-C", "-F", "32", "-n", "ESP", "--invariant"])
             .arg(out)
             .arg((size / 1024).to_string()),
         "mkfs.vfat",
     )?;
+    set_fat32_volume_id(out, &ids.esp_volid).at(out)?;
     run(
         Command::new("mcopy")
             .env("SOURCE_DATE_EPOCH", epoch.to_string())
@@ -181,6 +218,25 @@ pub fn esp(tree: &Path, work: &Path, out: &Path, ids: &Ids, cmdline: &str, epoch
         "mcopy",
     )?;
     Ok(size)
+}
+
+/// Writes the volume id (8 hex digits) into a FAT32 file system's boot sector and its backup.
+/// `mkfs.vfat --invariant`, which makes every other byte reproducible, also fixes the id to
+/// 1234-ABCD whatever `-i` says; GRUB finds the ESP by this id, so each image needs its own.
+fn set_fat32_volume_id(fs: &Path, volid: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const VOLUME_ID: u64 = 0x43;
+    const BACKUP_BOOT_SECTOR: u64 = 0x32;
+    let id = u32::from_str_radix(volid, 16)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("volume id {volid}")))?;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(fs)?;
+    let mut backup = [0u8; 2];
+    f.read_exact_at(&mut backup, BACKUP_BOOT_SECTOR)?;
+    let backup = u64::from(u16::from_le_bytes(backup));
+    for sector in [0, backup] {
+        f.write_all_at(&id.to_le_bytes(), sector * 512 + VOLUME_ID)?;
+    }
+    Ok(())
 }
 
 /// The empty state file system (grown to fill its disk at first boot).
@@ -266,8 +322,9 @@ pub fn layout<'a>(
     ]
 }
 
-/// A GPT disk of these partitions, each rounded up to whole MiB.
-pub fn assemble(out: &Path, parts: &[Partition<'_>], disk_guid: &str) -> Result<u64, BakeError> {
+/// A GPT disk of these partitions, each rounded up to whole MiB, that boots on UEFI (the ESP's
+/// GRUB) and on legacy BIOS (`bios_core` in the BIOS boot partition, [`install_bios_boot`]).
+pub fn assemble(out: &Path, parts: &[Partition<'_>], bios_core: &Path, ids: &Ids) -> Result<u64, BakeError> {
     let mut sizes = Vec::with_capacity(parts.len());
     for p in parts {
         let len = std::fs::metadata(p.image).at(p.image)?.len();
@@ -275,13 +332,15 @@ pub fn assemble(out: &Path, parts: &[Partition<'_>], disk_guid: &str) -> Result<
     }
     let total = MIB + sizes.iter().sum::<u64>() + MIB;
     let _ = std::fs::remove_file(out);
-    let disk = std::fs::File::create(out).at(out)?;
+    let disk = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(out).at(out)?;
     disk.set_len(total).at(out)?;
-    let mut script = format!("label: gpt\nlabel-id: {disk_guid}\nunit: sectors\nfirst-lba: 2048\n");
+    // Lines named pN: sfdisk numbers each partition by the name's digits.
+    let mut script = format!("label: gpt\nlabel-id: {}\nunit: sectors\nfirst-lba: {BIOS_BOOT_START}\n", ids.disk);
     let mut at = MIB;
-    for (p, size) in parts.iter().zip(&sizes) {
+    for (i, (p, size)) in parts.iter().zip(&sizes).enumerate() {
         script.push_str(&format!(
-            "start={}, size={}, type={}, uuid={}, name=\"{}\"\n",
+            "p{} : start={}, size={}, type={}, uuid={}, name=\"{}\"\n",
+            i + 1,
             at / 512,
             size / 512,
             p.type_guid,
@@ -290,6 +349,11 @@ pub fn assemble(out: &Path, parts: &[Partition<'_>], disk_guid: &str) -> Result<
         ));
         at += size;
     }
+    script.push_str(&format!(
+        "p{BIOS_BOOT_NUMBER} : start={BIOS_BOOT_START}, size={BIOS_BOOT_SECTORS}, type={BIOS_BOOT_TYPE}, uuid={}, \
+         name=\"BIOS boot\"\n",
+        ids.bios
+    ));
     let script_file = out.with_extension("sfdisk");
     std::fs::write(&script_file, script).at(&script_file)?;
     let written = run(
@@ -306,7 +370,52 @@ pub fn assemble(out: &Path, parts: &[Partition<'_>], disk_guid: &str) -> Result<
         copy_sparse(p.image, &disk, at).at(p.image)?;
         at += size;
     }
+    let core = std::fs::read(bios_core).at(bios_core)?;
+    let boot = std::fs::read(GRUB_BIOS_BOOT_IMG).at(GRUB_BIOS_BOOT_IMG)?;
+    install_bios_boot(&disk, &boot, core).at(out)?;
     Ok(total)
+}
+
+/// GRUB's boot sector for i386-pc (grub-pc-bin).
+const GRUB_BIOS_BOOT_IMG: &str = "/usr/lib/grub/i386-pc/boot.img";
+
+/// What `grub-bios-setup` does for a core image in a BIOS boot partition, on a file rather than
+/// a device: GRUB's boot sector code goes into the protective MBR (its partition table kept)
+/// pointing at the core image's first sector; the core image goes into the BIOS boot partition,
+/// its first sector's block list pointing at the rest. The offsets are GRUB's
+/// (include/grub/i386/pc/boot.h, grub-core/boot/i386/pc/diskboot.S).
+fn install_bios_boot(disk: &std::fs::File, boot_img: &[u8], mut core: Vec<u8>) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const KERNEL_SECTOR: usize = 0x5c;
+    const DRIVE_CHECK: usize = 0x66;
+    const BPB: std::ops::Range<usize> = 0x03..0x5a;
+    const PARTITION_TABLE: std::ops::Range<usize> = 0x1b8..0x200; // and the boot signature
+    const BLOCKLIST: usize = 512 - 12;
+    let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    if boot_img.len() != 512 || core.len() < 1024 || core.len() as u64 > BIOS_BOOT_SECTORS * 512 {
+        return Err(invalid("GRUB's boot.img or core image has an unexpected size"));
+    }
+    let mut mbr = [0u8; 512];
+    disk.read_exact_at(&mut mbr, 0)?;
+    let mut sector = [0u8; 512];
+    sector.copy_from_slice(boot_img);
+    sector[BPB].copy_from_slice(&mbr[BPB]);
+    sector[PARTITION_TABLE].copy_from_slice(&mbr[PARTITION_TABLE]);
+    sector[KERNEL_SECTOR..KERNEL_SECTOR + 8].copy_from_slice(&BIOS_BOOT_START.to_le_bytes());
+    // A hard disk: the check for BIOSes that pass a wrong boot drive becomes two NOPs.
+    sector[DRIVE_CHECK..DRIVE_CHECK + 2].copy_from_slice(&[0x90, 0x90]);
+    // The core image's sectors after the first, contiguous: one block list entry (start, count,
+    // load segment), then the terminator grub-mkimage left zeroed.
+    let sectors = core.len().div_ceil(512) as u16;
+    core.resize(usize::from(sectors) * 512, 0);
+    core[BLOCKLIST..BLOCKLIST + 8].copy_from_slice(&(BIOS_BOOT_START + 1).to_le_bytes());
+    core[BLOCKLIST + 8..BLOCKLIST + 10].copy_from_slice(&(sectors - 1).to_le_bytes());
+    core[BLOCKLIST + 10..BLOCKLIST + 12].copy_from_slice(&0x0820u16.to_le_bytes());
+    if core[BLOCKLIST - 12..BLOCKLIST].iter().any(|b| *b != 0) {
+        return Err(invalid("GRUB's core image has no block list terminator"));
+    }
+    disk.write_all_at(&core, BIOS_BOOT_START * 512)?;
+    disk.write_all_at(&sector, 0)
 }
 
 #[cfg(test)]
@@ -320,5 +429,63 @@ mod tests {
         assert_eq!(&a.root[14..15], "4");
         assert!("89ab".contains(&a.root[19..20]));
         assert_eq!(a.esp_fs_uuid().len(), 9);
+    }
+
+    #[test]
+    fn the_esp_gets_its_own_volume_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = dir.path().join("esp.img");
+        let mkfs = std::process::Command::new("mkfs.vfat")
+            .args(["-C", "-F", "32", "--invariant"])
+            .arg(&fs)
+            .arg("65536")
+            .output()
+            .expect("mkfs.vfat (dosfstools) runs");
+        assert!(mkfs.status.success());
+        super::set_fat32_volume_id(&fs, "89ABCDEF").unwrap();
+        let uuid =
+            std::process::Command::new("blkid").args(["-p", "-o", "value", "-s", "UUID"]).arg(&fs).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&uuid.stdout).trim(), "89AB-CDEF");
+        // fsck.fat sees no difference between the boot sector and its backup.
+        let fsck = std::process::Command::new("fsck.vfat").args(["-n"]).arg(&fs).output().unwrap();
+        assert!(fsck.status.success(), "{}", String::from_utf8_lossy(&fsck.stdout));
+        assert!(!String::from_utf8_lossy(&fsck.stdout).contains("differ"), "{}", String::from_utf8_lossy(&fsck.stdout));
+    }
+
+    #[test]
+    fn bios_boot_code_keeps_the_partition_table_and_points_at_the_core_image() {
+        use std::os::unix::fs::FileExt;
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(1 << 20).unwrap();
+        let mut mbr = [0u8; 512];
+        mbr[0x1be..0x1ce].copy_from_slice(&[0, 0, 2, 0, 0xee, 0xff, 0xff, 0xff, 1, 0, 0, 0, 0xff, 0xff, 0x1f, 0]);
+        mbr[0x1fe..].copy_from_slice(&[0x55, 0xaa]);
+        f.write_all_at(&mbr, 0).unwrap();
+        let boot = [0x11u8; 512];
+        // A core image of 3 sectors and a bit, its block list where grub-mkimage leaves it.
+        let mut core = vec![0x22u8; 3 * 512 + 7];
+        core[488..512].fill(0);
+        super::install_bios_boot(&f, &boot, core.clone()).unwrap();
+
+        let mut got = [0u8; 512];
+        f.read_exact_at(&mut got, 0).unwrap();
+        assert_eq!(got[0x1b8..], mbr[0x1b8..], "partition table and signature kept");
+        assert_eq!(got[..3], [0x11; 3]);
+        assert_eq!(u64::from_le_bytes(got[0x5c..0x64].try_into().unwrap()), 34, "core image's first sector");
+        assert_eq!(got[0x66..0x68], [0x90, 0x90]);
+        let mut first = [0u8; 512];
+        f.read_exact_at(&mut first, 34 * 512).unwrap();
+        assert_eq!(u64::from_le_bytes(first[500..508].try_into().unwrap()), 35);
+        assert_eq!(u16::from_le_bytes(first[508..510].try_into().unwrap()), 3, "sectors after the first");
+        assert_eq!(u16::from_le_bytes(first[510..512].try_into().unwrap()), 0x820);
+        let mut rest = vec![0u8; 3 * 512];
+        f.read_exact_at(&mut rest, 35 * 512).unwrap();
+        assert_eq!(rest[..512 * 2 + 7], core[512..]);
+
+        // A core image without the terminator, or too big for the partition: refused.
+        let mut bad = vec![0x22u8; 2048];
+        bad[500..512].fill(0);
+        assert!(super::install_bios_boot(&f, &boot, bad).is_err());
+        assert!(super::install_bios_boot(&f, &boot, vec![0; 2015 * 512]).is_err());
     }
 }

@@ -231,11 +231,12 @@ pub fn bake_role(
     step("base tree", &mut t);
     let ids = disk::Ids::new(&format!("{}/{role}/{lock_sha256}", def.name));
     let (fb_layer, esp, state) = (work.join("firstboot.erofs"), work.join("esp.img"), work.join("state.ext4"));
+    let bios_core = work.join("bios-core.img");
     // mkfs.erofs of the root runs on one core; the ESP, the state file system and the firstboot
     // layer are made beside it. The kernel and initramfs are the base tree's.
     let rootfs = std::thread::scope(|s| {
         let side = s.spawn(|| {
-            disk::esp(&base, &work, &esp, &ids, &disk::kernel_cmdline(&ids), epoch)?;
+            disk::esp(&base, &work, &esp, &bios_core, &ids, &disk::kernel_cmdline(&ids), epoch)?;
             disk::state(&state, &ids, 1 << 30, epoch)?;
             disk::erofs(&tree::firstboot_layer(&opts.firstboot, &work)?, &fb_layer, &ids.firstboot_fs, epoch)
         });
@@ -247,8 +248,8 @@ pub fn bake_role(
     step("root, firstboot layer, esp and state", &mut t);
     let raw = tmp.join("disk.raw");
     let task = progress::global().task(format!("{role}: disk.raw"), Unit::Time);
-    let size = disk::assemble(&raw, &disk::layout(&ids, &esp, &rootfs, &fb_layer, &state), &ids.disk)?;
-    task.finish(format!("GPT with ESP, root, firstboot and state, {}", progress::mib(size)));
+    let size = disk::assemble(&raw, &disk::layout(&ids, &esp, &rootfs, &fb_layer, &state), &bios_core, &ids)?;
+    task.finish(format!("GPT with ESP, root, firstboot, state and BIOS boot, {}", progress::mib(size)));
     step("disk.raw", &mut t);
     // The VMDK's compression takes every core; qcow2 (mostly I/O), the PXE set and the digest and
     // flush of each finished output go beside it, so hashing and writeback overlap compression.

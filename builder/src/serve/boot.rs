@@ -63,7 +63,8 @@ impl ScriptQuery {
     }
 }
 
-/// `/boot/<role>/<file>` (PXE set files), `/boot/mac/<mac>.ipxe` and `/boot/<role>.ipxe`.
+/// `/boot/<role>/<file>` (PXE set files; `rootfs.erofs.cpio` and `firstboot.erofs.cpio` wrapped
+/// on the way), `/boot/mac/<mac>.ipxe` and `/boot/<role>.ipxe`.
 pub fn router(files: Arc<BootFiles>) -> Router {
     Router::new()
         .route("/boot/{role}/{file}", get(file))
