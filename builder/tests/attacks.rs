@@ -94,6 +94,20 @@ fn open_endpoints_serve_no_credential() {
         assert_eq!(code, 200, "{path}: {body}");
         bodies.push(body);
     }
+    // PXE set files only, by their names (and the two images wrapped in cpio): no way out of
+    // the bake's directory, encoded or not, wrapped or not.
+    for path in [
+        "/boot/worker/..%2F..%2Fstate%2Fsecrets%2Ftokens.json",
+        "/boot/worker/..%2F..%2Fstate%2Fsecrets%2Ftokens.json.cpio",
+        "/boot/worker/%2e%2e%2f%2e%2e%2fserve.log.cpio",
+        "/boot/worker/../../serve.log",
+        "/boot/worker/boot.ipxe.cpio",
+        "/boot/etc/rootfs.erofs.cpio",
+    ] {
+        let (code, body) = curl(&["--path-as-is", &format!("http://{boot_addr}{path}")]);
+        assert_eq!(code, 404, "{path}: {body}");
+        bodies.push(body);
+    }
     for secret in secrets(&st) {
         for b in &bodies {
             assert!(!b.contains(&secret), "an open endpoint carries a credential");
@@ -477,9 +491,11 @@ fn oversized_inputs_are_refused() {
         };
         let (code, body) = c.call("POST", PATH_REPORT, &serde_json::to_vec(&report).unwrap()).await;
         assert_eq!((code, code_of(&body)), (413, ErrorCode::TooLarge), "{body}");
+        // 200 KiB: refused by its length; the server may close before the client sent it all
+        // (then the answer can be lost with the connection's reset).
         let huge = vec![b' '; 200 << 10];
-        let (code, _) = c.call("POST", PATH_REPORT, &huge).await;
-        assert_eq!(code, 413);
+        let (code, body) = c.call("POST", PATH_REPORT, &huge).await;
+        assert!(code == 413 || code == 0, "{code} {body}");
         let macs: Vec<String> = (0..100).map(|i| format!("52:54:00:cc:00:{i:02x}")).collect();
         let macs: Vec<&str> = macs.iter().map(String::as_str).collect();
         let mut c = RawTls::open(addr(&s), pin(&st), None).await;

@@ -155,18 +155,27 @@ impl RawTls {
         proto::wire::channel_binding_text(&out)
     }
 
-    /// Status and body of one request.
+    /// Status and body of one request. A server may answer and close before it read all of a
+    /// body it refuses: a failed write still reads the answer, and a connection closed with no
+    /// answer at all is status 0.
     pub async fn call(&mut self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let head = format!(
             "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
             body.len()
         );
-        self.0.write_all(&[head.as_bytes(), body].concat()).await.unwrap();
-        self.0.flush().await.unwrap();
+        let sent = async {
+            self.0.write_all(&[head.as_bytes(), body].concat()).await?;
+            self.0.flush().await
+        }
+        .await;
         let mut head = Vec::new();
         while !head.ends_with(b"\r\n\r\n") {
-            head.push(self.0.read_u8().await.unwrap());
+            match self.0.read_u8().await {
+                Ok(b) => head.push(b),
+                Err(e) if sent.is_err() => return (0, format!("closed while sending ({sent:?}), then {e}")),
+                Err(e) => panic!("reading the answer: {e}"),
+            }
         }
         let head = String::from_utf8(head).unwrap();
         let status = head.split(' ').nth(1).unwrap().parse().unwrap();
