@@ -176,13 +176,6 @@ pub fn esp(
     let cfg = grub_config(work, ids, cmdline)?;
     grub_image("x86_64-efi", &cfg, &["efi_gop", "efi_uga"], &boot.join("BOOTX64.EFI"))?;
     grub_image("i386-pc", &cfg, &["biosdisk"], bios_core)?;
-    let core = std::fs::metadata(bios_core).at(bios_core)?.len();
-    if core > BIOS_BOOT_SECTORS * 512 {
-        return Err(BakeError::Output(format!(
-            "GRUB's BIOS core image is {core} bytes, more than the {} of the BIOS boot partition",
-            BIOS_BOOT_SECTORS * 512
-        )));
-    }
     for f in ["vmlinuz", "initrd.img"] {
         std::fs::copy(tree.join(f), stage.join(f)).at(tree.join(f))?;
     }
@@ -391,9 +384,16 @@ fn install_bios_boot(disk: &std::fs::File, boot_img: &[u8], mut core: Vec<u8>) -
     const BPB: std::ops::Range<usize> = 0x03..0x5a;
     const PARTITION_TABLE: std::ops::Range<usize> = 0x1b8..0x200; // and the boot signature
     const BLOCKLIST: usize = 512 - 12;
-    let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
-    if boot_img.len() != 512 || core.len() < 1024 || core.len() as u64 > BIOS_BOOT_SECTORS * 512 {
-        return Err(invalid("GRUB's boot.img or core image has an unexpected size"));
+    let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    if boot_img.len() != 512 {
+        return Err(invalid(format!("GRUB's boot.img is {} bytes, not 512", boot_img.len())));
+    }
+    if core.len() < 1024 || core.len() as u64 > BIOS_BOOT_SECTORS * 512 {
+        return Err(invalid(format!(
+            "GRUB's BIOS core image is {} bytes; the BIOS boot partition holds 1024 to {}",
+            core.len(),
+            BIOS_BOOT_SECTORS * 512
+        )));
     }
     let mut mbr = [0u8; 512];
     disk.read_exact_at(&mut mbr, 0)?;
@@ -412,7 +412,7 @@ fn install_bios_boot(disk: &std::fs::File, boot_img: &[u8], mut core: Vec<u8>) -
     core[BLOCKLIST + 8..BLOCKLIST + 10].copy_from_slice(&(sectors - 1).to_le_bytes());
     core[BLOCKLIST + 10..BLOCKLIST + 12].copy_from_slice(&0x0820u16.to_le_bytes());
     if core[BLOCKLIST - 12..BLOCKLIST].iter().any(|b| *b != 0) {
-        return Err(invalid("GRUB's core image has no block list terminator"));
+        return Err(invalid("GRUB's BIOS core image has no block list terminator".into()));
     }
     disk.write_all_at(&core, BIOS_BOOT_START * 512)?;
     disk.write_all_at(&sector, 0)

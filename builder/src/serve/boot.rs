@@ -80,7 +80,7 @@ fn not_found(what: String) -> Response {
 async fn file(State(b): State<Arc<BootFiles>>, Path((role, name)): Path<(String, String)>) -> Response {
     // `rootfs.erofs.cpio`: the image wrapped in a cpio archive on the way out (pxe::initrds).
     let (file, wrap) = match name.strip_suffix(".cpio") {
-        Some(image @ ("rootfs.erofs" | "firstboot.erofs")) => (image, true),
+        Some(image) if crate::pxe::initrds(PxeRoot::Initrd).contains(&name.as_str()) => (image, true),
         _ => (name.as_str(), false),
     };
     if role.parse::<Role>().is_err() || !crate::image::outputs::PXE_FILES.contains(&file) {
